@@ -1,0 +1,184 @@
+"""Autograd All2All over the expert-parallel domain: flat (one hop) and hierarchical (two hops).
+
+A dispatcher takes the permuted buffer (rows grouped by global expert, ``row_counts[e]`` rows
+for expert e) and returns the rows this rank's experts must process, in one canonical layout:
+grouped by local expert, then by source EP rank, then in the sender's order. Flat and
+hierarchical dispatch deliver the same rows in the same layout, so for the same routing plan
+their results are bit-identical; :meth:`combine` sends expert outputs back the reverse way.
+
+* flat: one All2All over all W ranks of the EP group (W-1 peers per rank).
+* hierarchical (SMILE): an inter-node All2All among the N ranks sharing a local rank, a local
+  regroup by destination GPU, then an intra-node All2All among the G ranks of a node
+  ((N-1) + (G-1) peers per rank, each inter-node message G times larger).
+
+Row counts are exchanged before every hop (one small All2All of integers), in padded mode
+too: ranks may hold different token counts and hence different capacities, and a static
+exchange with mismatched sizes would corrupt or abort the collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from smile.topology import Topology
+
+DISPATCHERS = ("flat", "hierarchical", "local")
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with variable splits; backward runs the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):  # type: ignore[override]
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _exchange(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        out_splits, in_splits = ctx.splits
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x.clone()
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
+    """Send ``counts[p]`` (any trailing shape) to peer p; return what each peer sent to us."""
+    if group is None or dist.get_world_size(group) == 1:
+        return counts.clone()
+    flat = counts.reshape(-1).contiguous()
+    out = torch.empty_like(flat)
+    dist.all_to_all_single(out, flat, group=group)
+    return out.view(counts.shape)
+
+
+def regroup_index(counts: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
+    """Row index that reorders variable-size blocks from ``counts``'s axis order to ``perm``'s.
+
+    Rows are laid out as blocks in row-major order of ``counts`` (block b has counts[b] rows);
+    the result gathers them so blocks follow ``counts.permute(perm)`` in row-major order.
+    """
+    flat = counts.reshape(-1)
+    starts = (torch.cumsum(flat, 0) - flat).view(counts.shape).permute(perm).reshape(-1)
+    sizes = counts.permute(perm).reshape(-1)
+    block = torch.repeat_interleave(torch.arange(sizes.numel(), device=counts.device), sizes)
+    new_starts = torch.cumsum(sizes, 0) - sizes
+    return starts[block] + torch.arange(block.numel(), device=counts.device) - new_starts[block]
+
+
+def _inverse(index: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel(), device=index.device)
+    return inverse
+
+
+@dataclass
+class _Hop:
+    """One All2All hop and the regroup applied after it, remembered for the way back."""
+
+    group: object
+    send_splits: list[int]
+    recv_splits: list[int]
+    index: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_to_all(x, self.recv_splits, self.send_splits, self.group).index_select(0, self.index)
+
+    def backward(self, y: torch.Tensor) -> torch.Tensor:
+        return all_to_all(y.index_select(0, _inverse(self.index)), self.send_splits, self.recv_splits, self.group)
+
+
+@dataclass
+class DispatchHandle:
+    hops: list[_Hop]
+
+
+class Dispatcher:
+    """Moves rows between the permuted buffer and this rank's experts."""
+
+    def __init__(self, topology: Topology, num_experts: int) -> None:
+        if num_experts % topology.ep_size:
+            raise ValueError(
+                f"num_experts={num_experts} is not divisible by the expert-parallel size "
+                f"{topology.ep_size} ({topology.ep_nodes} nodes x {topology.gpus_per_node} gpus_per_node)"
+            )
+        self.topology = topology
+        self.num_experts = num_experts
+        self.num_local = num_experts // topology.ep_size
+
+    def dispatch(self, x: torch.Tensor, row_counts: torch.Tensor) -> tuple[torch.Tensor, list[int], DispatchHandle]:
+        """Return (expert input rows, rows per local expert, handle for :meth:`combine`)."""
+        hops, counts = self._plan_hops(row_counts)
+        for hop in hops:
+            x = hop.forward(x)
+        return x, counts.sum(dim=tuple(range(counts.dim() - 1))).tolist(), DispatchHandle(hops)
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        for hop in reversed(handle.hops):
+            y = hop.backward(y)
+        return y
+
+    def _plan_hops(self, row_counts: torch.Tensor) -> tuple[list[_Hop], torch.Tensor]:
+        raise NotImplementedError
+
+
+def _sizes(counts: torch.Tensor) -> list[int]:
+    return counts.reshape(counts.shape[0], -1).sum(1).tolist()
+
+
+class FlatDispatcher(Dispatcher):
+    """One All2All over the whole EP group (Switch / GShard / DeepSpeed-MoE)."""
+
+    def _plan_hops(self, row_counts):
+        w = self.topology.ep_size
+        send = row_counts.view(w, self.num_local)
+        recv = exchange_counts(send, self.topology.group("ep"))  # [src rank, local expert]
+        hop = _Hop(self.topology.group("ep"), _sizes(send), _sizes(recv), regroup_index(recv, (1, 0)))
+        return [hop], recv
+
+
+class HierarchicalDispatcher(Dispatcher):
+    """SMILE's two hops: inter-node (same local rank), then intra-node."""
+
+    def _plan_hops(self, row_counts):
+        topo = self.topology
+        n, g, e = topo.ep_nodes, topo.gpus_per_node, self.num_local
+        inter, intra = topo.group("inter"), topo.group("intra")
+        send1 = row_counts.view(n, g, e)
+        recv1 = exchange_counts(send1, inter)  # [src node, dest gpu, local expert]
+        hop1 = _Hop(inter, _sizes(send1), _sizes(recv1), regroup_index(recv1, (1, 0, 2)))
+        send2 = recv1.permute(1, 0, 2).contiguous()  # [dest gpu, src node, local expert]
+        recv2 = exchange_counts(send2, intra)  # [src gpu, src node, local expert]
+        hop2 = _Hop(intra, _sizes(send2), _sizes(recv2), regroup_index(recv2, (2, 1, 0)))
+        return [hop1, hop2], recv2
+
+
+class LocalDispatcher(Dispatcher):
+    """Single process: every expert is local, nothing moves."""
+
+    def __init__(self, topology: Topology, num_experts: int) -> None:
+        if topology.ep_size != 1:
+            raise ValueError(f"dispatcher 'local' needs an expert-parallel size of 1, got {topology.ep_size}")
+        super().__init__(topology, num_experts)
+
+    def _plan_hops(self, row_counts):
+        return [], row_counts.view(1, -1)
+
+
+def build_dispatcher(name: str, topology: Topology, num_experts: int) -> Dispatcher:
+    classes = {"flat": FlatDispatcher, "hierarchical": HierarchicalDispatcher, "local": LocalDispatcher}
+    if name not in classes:
+        raise ValueError(f"dispatcher {name!r} unknown; allowed: {', '.join(DISPATCHERS)}")
+    return classes[name](topology, num_experts)

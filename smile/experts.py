@@ -1,0 +1,74 @@
+"""Expert FFNs of one rank, computed as one batched GEMM per projection over local experts.
+
+Input rows arrive grouped by local expert (``counts[i]`` rows for expert i, in order). With
+equal counts (capacity-padded dispatch) the rows are a ``[e, M, d]`` view and each projection
+is one ``bmm``; with variable counts (dropless) rows are scattered into a ``[e, max_count, d]``
+buffer first, so the compute is still one ``bmm`` per projection, never a loop over experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
+_EXPERT_ATTR = "_smile_expert"
+
+
+def mark_expert_parameter(param: nn.Parameter) -> nn.Parameter:
+    """Tag a parameter as expert-local: averaged only across its expert-data-parallel group."""
+    setattr(param, _EXPERT_ATTR, True)
+    return param
+
+
+def is_expert_parameter(param: torch.Tensor) -> bool:
+    return bool(getattr(param, _EXPERT_ATTR, False))
+
+
+class ExpertFFN(nn.Module):
+    """``num_local`` independent FFNs ``d_model -> d_ff -> d_model`` (no biases, as in Switch)."""
+
+    def __init__(self, num_local: int, d_model: int, d_ff: int, activation: str = "gelu") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} unknown; allowed: {', '.join(ACTIVATIONS)}")
+        self.num_local, self.d_model, self.d_ff = num_local, d_model, d_ff
+        self.activation = activation
+        gated = activation in ("swiglu", "geglu")
+        self.w_in = mark_expert_parameter(nn.Parameter(torch.empty(num_local, d_model, d_ff * (2 if gated else 1))))
+        self.w_out = mark_expert_parameter(nn.Parameter(torch.empty(num_local, d_ff, d_model)))
+        nn.init.normal_(self.w_in, std=1.0 / math.sqrt(d_model))
+        nn.init.normal_(self.w_out, std=1.0 / math.sqrt(d_ff))
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.activation == "gelu":
+            return F.gelu(h)
+        if self.activation == "relu":
+            return F.relu(h)
+        gate, up = h.chunk(2, dim=-1)
+        return (F.silu(gate) if self.activation == "swiglu" else F.gelu(gate)) * up
+
+    def forward_grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` is ``[e, M, d]`` (one group per local expert)."""
+        return torch.bmm(self._act(torch.bmm(x, self.w_in.to(x.dtype))), self.w_out.to(x.dtype))
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows of ``x`` [sum(counts), d] grouped by local expert -> same layout out."""
+        if len(counts) != self.num_local:
+            raise ValueError(f"expected {self.num_local} expert counts, got {len(counts)}")
+        if x.shape[0] == 0:
+            # Keep the graph connected so every rank's backward touches the expert weights.
+            return x + 0.0 * (self.w_in.sum() + self.w_out.sum())
+        if len(set(counts)) == 1:
+            return self.forward_grouped(x.view(self.num_local, counts[0], -1)).reshape(x.shape)
+        width = max(counts)
+        counts_t = torch.tensor(counts, device=x.device)
+        starts = torch.cumsum(counts_t, 0) - counts_t
+        expert = torch.repeat_interleave(torch.arange(self.num_local, device=x.device), counts_t)
+        slot = expert * width + torch.arange(x.shape[0], device=x.device) - starts[expert]
+        padded = x.new_zeros(self.num_local * width, x.shape[1]).index_copy(0, slot, x)
+        out = self.forward_grouped(padded.view(self.num_local, width, -1))
+        return out.reshape(self.num_local * width, -1).index_select(0, slot)

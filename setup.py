@@ -33,7 +33,9 @@ def _cuda_extensions() -> tuple[list, dict]:
 
 ext_modules, cmdclass = _cuda_extensions()
 # models/ is installed as smile.models (the zoo), mapped in pyproject's package-dir.
-packages = find_packages(include=["smile", "smile.*"]) + [
-    "smile.models." + p for p in find_packages("models")
-] + ["smile.models"]
+packages = (
+    find_packages(include=["smile", "smile.*"])
+    + ["smile.models." + p for p in find_packages("models")]
+    + ["smile.models"]
+)
 setup(packages=packages, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -97,7 +97,9 @@ class _Hop:
         return all_to_all(x, self.recv_splits, self.send_splits, self.group).index_select(0, self.index)
 
     def backward(self, y: torch.Tensor) -> torch.Tensor:
-        return all_to_all(y.index_select(0, _inverse(self.index)), self.send_splits, self.recv_splits, self.group)
+        return all_to_all(
+            y.index_select(0, _inverse(self.index)), self.send_splits, self.recv_splits, self.group
+        )
 
 
 @dataclass
@@ -118,7 +120,9 @@ class Dispatcher:
         self.num_experts = num_experts
         self.num_local = num_experts // topology.ep_size
 
-    def dispatch(self, x: torch.Tensor, row_counts: torch.Tensor) -> tuple[torch.Tensor, list[int], DispatchHandle]:
+    def dispatch(
+        self, x: torch.Tensor, row_counts: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int], DispatchHandle]:
         """Return (expert input rows, rows per local expert, handle for :meth:`combine`)."""
         hops, counts = self._plan_hops(row_counts)
         for hop in hops:

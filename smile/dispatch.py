@@ -38,6 +38,11 @@ class DispatchBackend(Protocol):
     def combine(self, y: torch.Tensor, dest: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor: ...
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types, the input's own precision when it is wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class TorchBackend:
     """Reference implementation: argsort + bincount + index_select / gather."""
 
@@ -83,10 +88,11 @@ class TorchBackend:
             return y.new_zeros(dest.shape[0], y.shape[1])
         valid = dest >= 0
         rows = y.index_select(0, dest.clamp(min=0).reshape(-1)).view(*dest.shape, y.shape[1])
-        weight = valid.to(torch.float32)
+        acc = _accumulation_dtype(y.dtype)
+        weight = valid.to(acc)
         if gates is not None:
-            weight = weight * gates.to(torch.float32)
-        out = torch.einsum("tkh,tk->th", rows.to(torch.float32), weight)
+            weight = weight * gates.to(acc)
+        out = torch.einsum("tkh,tk->th", rows.to(acc), weight)
         return out.to(y.dtype)
 
 
@@ -158,7 +164,8 @@ class _Combine(torch.autograd.Function):
             grad_y = ctx.backend.gather_rows(grad_out, src) * row_gate.unsqueeze(1).to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
             rows = ctx.backend.combine(y, dest.reshape(-1, 1), None).view(*dest.shape, y.shape[1])
-            grad_gates = torch.einsum("tkh,th->tk", rows.float(), grad_out.float()).to(gates.dtype)
+            acc = _accumulation_dtype(y.dtype)
+            grad_gates = torch.einsum("tkh,th->tk", rows.to(acc), grad_out.to(acc)).to(gates.dtype)
         return grad_y, grad_gates, None, None, None
 
 

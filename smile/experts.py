@@ -31,17 +31,37 @@ def is_expert_parameter(param: torch.Tensor) -> bool:
 class ExpertFFN(nn.Module):
     """``num_local`` independent FFNs ``d_model -> d_ff -> d_model`` (no biases, as in Switch)."""
 
-    def __init__(self, num_local: int, d_model: int, d_ff: int, activation: str = "gelu") -> None:
+    def __init__(
+        self,
+        num_local: int,
+        d_model: int,
+        d_ff: int,
+        activation: str = "gelu",
+        seed: int = 0,
+        first_expert: int = 0,
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} unknown; allowed: {', '.join(ACTIVATIONS)}")
         self.num_local, self.d_model, self.d_ff = num_local, d_model, d_ff
         self.activation = activation
         gated = activation in ("swiglu", "geglu")
-        self.w_in = mark_expert_parameter(nn.Parameter(torch.empty(num_local, d_model, d_ff * (2 if gated else 1))))
+        self.w_in = mark_expert_parameter(
+            nn.Parameter(torch.empty(num_local, d_model, d_ff * (2 if gated else 1)))
+        )
         self.w_out = mark_expert_parameter(nn.Parameter(torch.empty(num_local, d_ff, d_model)))
-        nn.init.normal_(self.w_in, std=1.0 / math.sqrt(d_model))
-        nn.init.normal_(self.w_out, std=1.0 / math.sqrt(d_ff))
+        self.reset_parameters(seed, first_expert)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int, first_expert: int) -> None:
+        """Expert i's weights depend only on ``(seed, first_expert + i)``.
+
+        So one seed gives the same global model whatever the expert-parallel layout.
+        """
+        for salt, (weight, fan_in) in enumerate(((self.w_in, self.d_model), (self.w_out, self.d_ff))):
+            for i in range(self.num_local):
+                gen = torch.Generator().manual_seed(seed + 1_000_003 * (first_expert + i) + salt)
+                weight[i].copy_(torch.randn(weight.shape[1:], generator=gen) / math.sqrt(fan_in))
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         if self.activation == "gelu":

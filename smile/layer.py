@@ -60,22 +60,18 @@ class MoELayer(nn.Module):
         self.d_model, self.num_experts = d_model, num_experts
         self.dispatcher = build_dispatcher(dispatcher, self.topology, num_experts)
         self.router = build_router(
-            router, d_model, num_experts, num_nodes=self.topology.ep_nodes,
-            capacity_factor=capacity_factor, **router_options,
+            router,
+            d_model,
+            num_experts,
+            num_nodes=self.topology.ep_nodes,
+            capacity_factor=capacity_factor,
+            **router_options,
         )
-        self.experts = ExpertFFN(self.dispatcher.num_local, d_model, d_ff, activation)
-        self._init_experts(int(torch.randint(2**31 - 1, (1,))))
+        seed = int(torch.randint(2**31 - 1, (1,)))
+        first = self.topology.ep_rank * self.dispatcher.num_local
+        self.experts = ExpertFFN(self.dispatcher.num_local, d_model, d_ff, activation, seed, first)
         self.backend_name = backend
         self.last_stats: LayerStats | None = None
-
-    @torch.no_grad()
-    def _init_experts(self, seed: int) -> None:
-        first = self.topology.ep_rank * self.dispatcher.num_local
-        for weight in (self.experts.w_in, self.experts.w_out):
-            std = float(weight.std())
-            for i in range(self.dispatcher.num_local):
-                gen = torch.Generator().manual_seed(seed + 7919 * (first + i) + weight.shape[-1])
-                weight[i].copy_(torch.randn(weight.shape[1:], generator=gen) * std)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[-1] != self.d_model:
@@ -83,7 +79,9 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, self.d_model)
         plan = self.router(tokens)
         backend = get_backend(self.backend_name, tokens.device)
-        dest, src, counts = backend.dispatch_index(plan.expert_ids, plan.keep, self.num_experts, plan.capacity)
+        dest, src, counts = backend.dispatch_index(
+            plan.expert_ids, plan.keep, self.num_experts, plan.capacity
+        )
         rows = permute(tokens, src, dest, backend)
         if plan.capacity is None:
             row_counts = counts

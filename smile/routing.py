@@ -60,8 +60,9 @@ def capacity_for(capacity_factor: float | None, tokens: int, k: int, targets: in
     return max(1, math.ceil(capacity_factor * tokens * k / targets))
 
 
-def capacity_keep(target_ids: torch.Tensor, num_targets: int, capacity: int | None,
-                  valid: torch.Tensor | None = None) -> torch.Tensor:
+def capacity_keep(
+    target_ids: torch.Tensor, num_targets: int, capacity: int | None, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keep mask [T, k]: the first ``capacity`` copies per target, choice-major then token order."""
     keep = torch.ones_like(target_ids, dtype=torch.bool) if valid is None else valid.clone()
     if capacity is None:
@@ -138,14 +139,23 @@ class Router(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.d_model:
-            raise ValueError(f"router expects tokens of shape [T, d_model={self.d_model}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"router expects tokens of shape [T, d_model={self.d_model}], got {tuple(x.shape)}"
+            )
 
     def _plan(self, ids, gates, keep, capacity, losses: dict[str, tuple[float, torch.Tensor]]) -> RoutingPlan:
         aux = sum(w * v for w, v in losses.values() if w)
         if not torch.is_tensor(aux):
             aux = gates.new_zeros(())
-        return RoutingPlan(ids, gates, keep, self.num_experts, capacity, aux,
-                           {name: v.detach() for name, (_, v) in losses.items()})
+        return RoutingPlan(
+            ids,
+            gates,
+            keep,
+            self.num_experts,
+            capacity,
+            aux,
+            {name: v.detach() for name, (_, v) in losses.items()},
+        )
 
 
 class SwitchRouter(Router):

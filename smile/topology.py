@@ -35,9 +35,7 @@ class Topology:
                 raise ValueError(f"Topology.{name} must be a positive int, got {value!r}")
         ep_nodes = self.nodes if self.ep_nodes is None else self.ep_nodes
         if ep_nodes < 1 or self.nodes % ep_nodes:
-            raise ValueError(
-                f"Topology.ep_nodes={ep_nodes} must be a positive divisor of nodes={self.nodes}"
-            )
+            raise ValueError(f"Topology.ep_nodes={ep_nodes} must be a positive divisor of nodes={self.nodes}")
         object.__setattr__(self, "ep_nodes", ep_nodes)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"Topology.rank={self.rank} outside world of {self.world_size}")
@@ -120,9 +118,7 @@ class Topology:
         return {
             "ep": [list(range(s, s + ep)) for s in range(0, w, ep)],
             "inter": [
-                [s + n * g + lr for n in range(self.ep_nodes)]
-                for s in range(0, w, ep)
-                for lr in range(g)
+                [s + n * g + lr for n in range(self.ep_nodes)] for s in range(0, w, ep) for lr in range(g)
             ],
             "intra": [list(range(s, s + g)) for s in range(0, w, g)],
             "edp": [list(range(r, w, ep)) for r in range(ep)],

@@ -23,7 +23,9 @@ def gather_experts(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
-def dense_forward_backward(layer: MoELayer, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor]:
+def dense_forward_backward(
+    layer: MoELayer, x: torch.Tensor, upstream: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Every kept copy through its expert times its gate, computed densely on one rank.
 
     Returns the output, the input/router gradients of this rank's tokens, and the gradients of
@@ -52,7 +54,9 @@ def dense_forward_backward(layer: MoELayer, x: torch.Tensor, upstream: torch.Ten
     return grads
 
 
-def layer_forward_backward(layer: MoELayer, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor]:
+def layer_forward_backward(
+    layer: MoELayer, x: torch.Tensor, upstream: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """The same quantities from the layer under test."""
     x = x.detach().clone().requires_grad_()
     out, aux = layer(x)

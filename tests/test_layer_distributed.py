@@ -24,8 +24,16 @@ PAIRINGS = [
 
 def _build(topo, router, dispatcher, capacity_factor, options):
     torch.manual_seed(1234)
-    return MoELayer(D_MODEL, D_FF, 2 * topo.ep_size, router=router, dispatcher=dispatcher,
-                    capacity_factor=capacity_factor, topology=topo, **options)
+    return MoELayer(
+        D_MODEL,
+        D_FF,
+        2 * topo.ep_size,
+        router=router,
+        dispatcher=dispatcher,
+        capacity_factor=capacity_factor,
+        topology=topo,
+        **options,
+    )
 
 
 def _inputs(topo, tokens=TOKENS):

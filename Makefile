@@ -1,0 +1,29 @@
+# The two commands of the README. Each creates (or reuses) the virtual environment in .venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# One intra-op thread per process: simulated clusters run several ranks on few cores.
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: run test lint clean
+
+$(STAMP): requirements-dev.txt pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=70" wheel
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --no-build-isolation -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/smile demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

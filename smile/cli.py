@@ -1,0 +1,34 @@
+"""The ``smile`` command. Subcommands live in their own modules and are imported on use."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help); each module provides add_arguments(parser) and main(args).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("smile.demo", "Switch vs SMILE MoE layers on a simulated multi-node cluster (CPU/gloo)"),
+}
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand is listed; only ``chosen`` imports its module (imports can be slow)."""
+    parser = argparse.ArgumentParser(prog="smile", description="SMILE Mixture-of-Experts training")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (module, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
+    return importlib.import_module(COMMANDS[args.command][0]).main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

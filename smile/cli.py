@@ -9,6 +9,7 @@ import sys
 # name -> (module, one-line help); each module provides add_arguments(parser) and main(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("smile.demo", "Switch vs SMILE MoE layers on a simulated multi-node cluster (CPU/gloo)"),
+    "zoo": ("smile.models.cli", "train or evaluate a model-zoo method: smile zoo <method> <action> ..."),
 }
 
 

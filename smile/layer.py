@@ -21,11 +21,18 @@ from smile.topology import Topology
 
 @dataclass
 class LayerStats:
-    """Per-step routing statistics of one layer (this rank's tokens)."""
+    """Per-step routing statistics of one layer (this rank's tokens).
+
+    Held as device tensors so the forward pass never waits on the host; read them when logging.
+    """
 
     tokens_per_expert: torch.Tensor  # [E] kept copies sent to each global expert
-    dropped_fraction: float
-    losses: dict[str, float]
+    keep: torch.Tensor  # [T, k] bool
+    losses: dict[str, torch.Tensor]
+
+    @property
+    def dropped_fraction(self) -> float:
+        return 1.0 - float(self.keep.float().mean()) if self.keep.numel() else 0.0
 
 
 class MoELayer(nn.Module):
@@ -49,6 +56,7 @@ class MoELayer(nn.Module):
         topology: Topology | None = None,
         activation: str = "gelu",
         backend: str = "auto",
+        gemm: str = "auto",
         **router_options,
     ) -> None:
         super().__init__()
@@ -69,7 +77,7 @@ class MoELayer(nn.Module):
         )
         seed = int(torch.randint(2**31 - 1, (1,)))
         first = self.topology.ep_rank * self.dispatcher.num_local
-        self.experts = ExpertFFN(self.dispatcher.num_local, d_model, d_ff, activation, seed, first)
+        self.experts = ExpertFFN(self.dispatcher.num_local, d_model, d_ff, activation, seed, first, gemm)
         self.backend_name = backend
         self.last_stats: LayerStats | None = None
 
@@ -91,7 +99,5 @@ class MoELayer(nn.Module):
         expert_out = self.experts(expert_in, expert_counts)
         back = self.dispatcher.combine(expert_out, handle)
         out = unpermute_combine(back, plan.gates.to(back.dtype), dest, src, backend)
-        self.last_stats = LayerStats(
-            counts.detach(), plan.dropped_fraction, {k: float(v) for k, v in plan.losses.items()}
-        )
+        self.last_stats = LayerStats(counts.detach(), plan.keep, plan.losses)
         return out.view(x.shape), plan.aux_loss

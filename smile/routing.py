@@ -92,10 +92,11 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _check_finite(logits: torch.Tensor, name: str) -> None:
-    if not torch.isfinite(logits).all():
-        raise FloatingPointError(
-            f"{name} router logits contain NaN or Inf; check the layer input and learning rate"
-        )
+    message = f"{name} router logits contain NaN or Inf; check the layer input and learning rate"
+    if logits.is_cuda:  # checked on the device, without stalling the host every layer
+        torch._assert_async(torch.isfinite(logits).all(), message)
+    elif not torch.isfinite(logits).all():
+        raise FloatingPointError(message)
 
 
 class Router(nn.Module):

@@ -1,0 +1,194 @@
+"""One MoE layer on one GPU: smile's fused path vs a torch loop, DeepSpeed-MoE and a dense matmul.
+
+Forward + backward in bf16 over the shapes of ANCHORS.md. "Expert TFLOP/s" counts only the two
+expert matmuls over the routed tokens, 3x forward for forward + backward (12 * T*k * d * ff).
+Every layer is timed in the same run with triton.testing.do_bench (median), after its output
+was checked against the torch loop on the same weights. Prints a table; writes JSON.
+
+    python benchmarks/moe_layer_gpu_bench.py --json results.json
+    python benchmarks/moe_layer_gpu_bench.py --device cpu --tiny     # smoke run anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from smile.layer import MoELayer
+
+SHAPES = [  # T, d_model, d_ff, E, k
+    (16384, 2048, 8192, 8, 1),
+    (16384, 2048, 8192, 8, 2),
+    (16384, 1024, 4096, 64, 2),
+]
+TINY = [(256, 64, 128, 8, 2)]
+
+
+def torch_loop(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """The common baseline: argsort + index_select + per-expert matmuls + index_add."""
+    plan = layer.router(x)
+    flat_ids = plan.expert_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=layer.num_experts).tolist()
+    rows = x.index_select(0, order // plan.expert_ids.shape[1])
+    w_in, w_out = layer.experts.w_in, layer.experts.w_out
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        outs.append(F.gelu(rows[start : start + n] @ w_in[e]) @ w_out[e])
+        start += n
+    weighted = torch.cat(outs).float() * plan.gates.reshape(-1)[order].unsqueeze(1)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out.index_add_(0, order // plan.expert_ids.shape[1], weighted)
+    return out.to(x.dtype)
+
+
+def deepspeed_layer(d: int, ff: int, experts: int, k: int, cf: float):
+    """deepspeed.moe.layer.MoE with ep_size 1 (None when DeepSpeed is not installed)."""
+    try:
+        import deepspeed
+        from deepspeed.moe.layer import MoE
+    except ImportError as err:
+        print(f"DeepSpeed-MoE skipped: {err}")
+        return None
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        for var in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(var, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    expert = torch.nn.Sequential(
+        torch.nn.Linear(d, ff, bias=False), torch.nn.GELU(), torch.nn.Linear(ff, d, bias=False)
+    )
+    layer = MoE(
+        d,
+        expert,
+        num_experts=experts,
+        ep_size=1,
+        k=k,
+        capacity_factor=cf,
+        eval_capacity_factor=cf,
+        min_capacity=0,
+        drop_tokens=True,
+    )
+    layer.set_deepspeed_parallelism()
+    return layer
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - start) / 3 * 1e3
+
+
+def fwd_bwd(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor):
+    def run() -> None:
+        forward(x).backward(grad)
+
+    return run
+
+
+def dense_ceiling(device: str, dtype: torch.dtype) -> float:
+    n = 8192 if device == "cuda" else 256
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = timed(lambda: a @ b, device)
+    return 2 * n**3 / ms / 1e9
+
+
+def bench_shape(shape, device: str, dtype: torch.dtype, cf: float) -> dict:
+    tokens, d, ff, experts, k = shape
+    torch.manual_seed(0)
+    layer = MoELayer(
+        d,
+        ff,
+        experts,
+        router="topk" if k > 1 else "switch",
+        k=k,
+        capacity_factor=None,
+        aux_loss_weight=0.0,
+        check_finite=False,
+    ).to(device, dtype)
+    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, d, device=device, dtype=dtype)
+    flops = 12 * tokens * k * d * ff
+    row = {
+        "T": tokens,
+        "d_model": d,
+        "d_ff": ff,
+        "E": experts,
+        "k": k,
+        "gemm": layer.experts.resolve_gemm(x.detach()),
+    }
+    with torch.no_grad():
+        ref = torch_loop(layer, x).float()
+        got = layer(x)[0].float()
+    row["rel_err_vs_loop"] = float((got - ref).norm() / ref.norm())
+    variants = {
+        "torch_loop": fwd_bwd(lambda t: torch_loop(layer, t), x, grad),
+        "smile": fwd_bwd(lambda t: layer(t)[0], x, grad),
+    }
+    ds = deepspeed_layer(d, ff, experts, k, cf)
+    if ds is not None:
+        ds = ds.to(device, dtype)
+        variants[f"deepspeed_cf{cf}"] = fwd_bwd(lambda t: ds(t.unsqueeze(0))[0].squeeze(0), x, grad)
+    for name, run in variants.items():
+        ms = timed(run, device)
+        row[f"{name}_ms"] = ms
+        row[f"{name}_tflops"] = flops / ms / 1e9
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="one small shape (smoke run)")
+    parser.add_argument("--capacity-factor", type=float, default=1.0, help="for DeepSpeed-MoE")
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    shapes = TINY if args.tiny or args.device == "cpu" else SHAPES
+    ceiling = dense_ceiling(args.device, dtype)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    print(
+        f"device {name}, {dtype}, dense matmul ceiling {ceiling:.0f} TFLOP/s, "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
+    rows = [bench_shape(s, args.device, dtype, args.capacity_factor) for s in shapes]
+    variants = [k[:-3] for k in rows[0] if k.endswith("_ms")]
+    header = f"{'T,d,ff,E,k':24}" + "".join(f"{v:>22}" for v in variants) + f"{'smile/loop':>11}{'gemm':>11}"
+    print(header)
+    for r in rows:
+        cells = "".join(f"{r[v + '_ms']:9.2f} ms {r[v + '_tflops']:6.0f} TF" for v in variants)
+        shape = f"{r['T']},{r['d_model']},{r['d_ff']},{r['E']},{r['k']}"
+        print(f"{shape:24}{cells}{r['torch_loop_ms'] / r['smile_ms']:10.2f}x{r['gemm']:>11}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "device": name,
+                    "dtype": str(dtype),
+                    "ceiling_tflops": ceiling,
+                    "torch": torch.__version__,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -111,11 +111,12 @@ def dense_ceiling(device: str, dtype: torch.dtype) -> float:
 def bench_shape(shape, device: str, dtype: torch.dtype, cf: float) -> dict:
     tokens, d, ff, experts, k = shape
     torch.manual_seed(0)
+    router = "topk" if k > 1 else "switch"
     layer = MoELayer(
         d,
         ff,
         experts,
-        router="topk" if k > 1 else "switch",
+        router=router,
         k=k,
         capacity_factor=None,
         aux_loss_weight=0.0,
@@ -136,16 +137,37 @@ def bench_shape(shape, device: str, dtype: torch.dtype, cf: float) -> dict:
         ref = torch_loop(layer, x).float()
         got = layer(x)[0].float()
     row["rel_err_vs_loop"] = float((got - ref).norm() / ref.norm())
+    torch.manual_seed(0)
+    padded = MoELayer(
+        d,
+        ff,
+        experts,
+        router=router,
+        k=k,
+        capacity_factor=None,
+        aux_loss_weight=0.0,
+        check_finite=False,
+        gemm="bmm",
+    ).to(device, dtype)
     variants = {
         "torch_loop": fwd_bwd(lambda t: torch_loop(layer, t), x, grad),
         "smile": fwd_bwd(lambda t: layer(t)[0], x, grad),
+        "smile_bmm": fwd_bwd(lambda t: padded(t)[0], x, grad),
     }
-    ds = deepspeed_layer(d, ff, experts, k, cf)
+    try:
+        ds = deepspeed_layer(d, ff, experts, k, cf)
+    except Exception as err:  # noqa: BLE001 - report and go on with the other layers
+        print(f"DeepSpeed-MoE failed to build: {err!r}")
+        ds = None
     if ds is not None:
         ds = ds.to(device, dtype)
         variants[f"deepspeed_cf{cf}"] = fwd_bwd(lambda t: ds(t.unsqueeze(0))[0].squeeze(0), x, grad)
     for name, run in variants.items():
-        ms = timed(run, device)
+        try:
+            ms = timed(run, device)
+        except Exception as err:  # noqa: BLE001 - one failing variant must not hide the others
+            print(f"{name} failed at {shape}: {err!r}")
+            ms = float("nan")
         row[f"{name}_ms"] = ms
         row[f"{name}_tflops"] = flops / ms / 1e9
     return row
@@ -166,10 +188,13 @@ def main() -> None:
         f"device {name}, {dtype}, dense matmul ceiling {ceiling:.0f} TFLOP/s, "
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
     )
-    rows = [bench_shape(s, args.device, dtype, args.capacity_factor) for s in shapes]
+    rows = []
+    for shape in shapes:
+        rows.append(bench_shape(shape, args.device, dtype, args.capacity_factor))
+        print(json.dumps(rows[-1]), flush=True)
     variants = [k[:-3] for k in rows[0] if k.endswith("_ms")]
     header = f"{'T,d,ff,E,k':24}" + "".join(f"{v:>22}" for v in variants) + f"{'smile/loop':>11}{'gemm':>11}"
-    print(header)
+    print(header, flush=True)
     for r in rows:
         cells = "".join(f"{r[v + '_ms']:9.2f} ms {r[v + '_tflops']:6.0f} TF" for v in variants)
         shape = f"{r['T']},{r['d_model']},{r['d_ff']},{r['E']},{r['k']}"

@@ -81,13 +81,14 @@ class TorchBackend:
             return x.new_zeros(src.numel(), x.shape[1])
         valid = src >= 0
         out = x.index_select(0, src.clamp(min=0))
-        return out * valid.unsqueeze(1).to(x.dtype)
+        return out.masked_fill(~valid.unsqueeze(1), 0)  # true zeros, even next to inf/NaN rows
 
     def combine(self, y: torch.Tensor, dest: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         if y.shape[0] == 0:  # every copy dropped or sent nowhere
             return y.new_zeros(dest.shape[0], y.shape[1])
         valid = dest >= 0
         rows = y.index_select(0, dest.clamp(min=0).reshape(-1)).view(*dest.shape, y.shape[1])
+        rows = rows.masked_fill(~valid.unsqueeze(-1), 0)
         acc = _accumulation_dtype(y.dtype)
         weight = valid.to(acc)
         if gates is not None:

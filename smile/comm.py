@@ -23,23 +23,37 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from smile.payload import ExactCodec, PayloadCodec, get_codec
 from smile.topology import Topology
+
+EXACT = ExactCodec()
 
 DISPATCHERS = ("flat", "hierarchical", "local")
 
 
 class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with variable splits; backward runs the reverse exchange."""
+    """``all_to_all_single`` with variable splits; backward runs the reverse exchange.
+
+    ``codec`` is the wire format of the forward payload and ``grad_codec`` of the gradient;
+    quantisation is treated as the identity by autograd (straight-through).
+    """
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):  # type: ignore[override]
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _exchange(x, out_splits, in_splits, group)
+    def forward(ctx, x, out_splits, in_splits, group, codec, grad_codec):  # type: ignore[override]
+        ctx.splits, ctx.group, ctx.grad_codec = (out_splits, in_splits), group, grad_codec
+        return _coded_exchange(x, out_splits, in_splits, group, codec)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         out_splits, in_splits = ctx.splits
-        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
+        grad = _coded_exchange(grad, in_splits, out_splits, ctx.group, ctx.grad_codec)
+        return grad, None, None, None, None, None
+
+
+def _coded_exchange(x: torch.Tensor, out_splits, in_splits, group, codec) -> torch.Tensor:
+    if group is None or dist.get_world_size(group) == 1:
+        return x.clone()
+    return codec.decode(_exchange(codec.encode(x), out_splits, in_splits, group), x.dtype)
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -50,8 +64,15 @@ def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], grou
     return out
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+def all_to_all(
+    x: torch.Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    group,
+    codec: PayloadCodec = EXACT,
+    grad_codec: PayloadCodec = EXACT,
+) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group, codec, grad_codec)
 
 
 def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
@@ -92,13 +113,19 @@ class _Hop:
     send_splits: list[int]
     recv_splits: list[int]
     index: torch.Tensor
+    dispatch_codec: PayloadCodec = EXACT
+    combine_codec: PayloadCodec = EXACT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_to_all(x, self.recv_splits, self.send_splits, self.group).index_select(0, self.index)
+        out = all_to_all(
+            x, self.recv_splits, self.send_splits, self.group, self.dispatch_codec, self.combine_codec
+        )
+        return out.index_select(0, self.index)
 
     def backward(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.index_select(0, _inverse(self.index))
         return all_to_all(
-            y.index_select(0, _inverse(self.index)), self.send_splits, self.recv_splits, self.group
+            y, self.send_splits, self.recv_splits, self.group, self.combine_codec, self.combine_codec
         )
 
 
@@ -110,7 +137,17 @@ class DispatchHandle:
 class Dispatcher:
     """Moves rows between the permuted buffer and this rank's experts."""
 
-    def __init__(self, topology: Topology, num_experts: int) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        num_experts: int,
+        dispatch_payload: str = "exact",
+        combine_payload: str = "exact",
+    ) -> None:
+        if combine_payload == "fp8":
+            raise ValueError("combine_payload='fp8' is not supported; allowed: exact, bf16")
+        self.dispatch_codec = get_codec(dispatch_payload)
+        self.combine_codec = get_codec(combine_payload)
         if num_experts % topology.ep_size:
             raise ValueError(
                 f"num_experts={num_experts} is not divisible by the expert-parallel size "
@@ -137,6 +174,9 @@ class Dispatcher:
     def _plan_hops(self, row_counts: torch.Tensor) -> tuple[list[_Hop], torch.Tensor]:
         raise NotImplementedError
 
+    def _hop(self, group, send: list[int], recv: list[int], index: torch.Tensor) -> _Hop:
+        return _Hop(group, send, recv, index, self.dispatch_codec, self.combine_codec)
+
 
 def _sizes(counts: torch.Tensor) -> list[int]:
     return counts.reshape(counts.shape[0], -1).sum(1).tolist()
@@ -149,7 +189,7 @@ class FlatDispatcher(Dispatcher):
         w = self.topology.ep_size
         send = row_counts.view(w, self.num_local)
         recv = exchange_counts(send, self.topology.group("ep"))  # [src rank, local expert]
-        hop = _Hop(self.topology.group("ep"), _sizes(send), _sizes(recv), regroup_index(recv, (1, 0)))
+        hop = self._hop(self.topology.group("ep"), _sizes(send), _sizes(recv), regroup_index(recv, (1, 0)))
         return [hop], recv
 
 
@@ -162,27 +202,28 @@ class HierarchicalDispatcher(Dispatcher):
         inter, intra = topo.group("inter"), topo.group("intra")
         send1 = row_counts.view(n, g, e)
         recv1 = exchange_counts(send1, inter)  # [src node, dest gpu, local expert]
-        hop1 = _Hop(inter, _sizes(send1), _sizes(recv1), regroup_index(recv1, (1, 0, 2)))
+        hop1 = self._hop(inter, _sizes(send1), _sizes(recv1), regroup_index(recv1, (1, 0, 2)))
         send2 = recv1.permute(1, 0, 2).contiguous()  # [dest gpu, src node, local expert]
         recv2 = exchange_counts(send2, intra)  # [src gpu, src node, local expert]
-        hop2 = _Hop(intra, _sizes(send2), _sizes(recv2), regroup_index(recv2, (2, 1, 0)))
+        hop2 = self._hop(intra, _sizes(send2), _sizes(recv2), regroup_index(recv2, (2, 1, 0)))
         return [hop1, hop2], recv2
 
 
 class LocalDispatcher(Dispatcher):
     """Single process: every expert is local, nothing moves."""
 
-    def __init__(self, topology: Topology, num_experts: int) -> None:
+    def __init__(self, topology: Topology, num_experts: int, **payloads: str) -> None:
         if topology.ep_size != 1:
             raise ValueError(f"dispatcher 'local' needs an expert-parallel size of 1, got {topology.ep_size}")
-        super().__init__(topology, num_experts)
+        super().__init__(topology, num_experts, **payloads)
 
     def _plan_hops(self, row_counts):
         return [], row_counts.view(1, -1)
 
 
-def build_dispatcher(name: str, topology: Topology, num_experts: int) -> Dispatcher:
+def build_dispatcher(name: str, topology: Topology, num_experts: int, **payloads: str) -> Dispatcher:
+    """``payloads``: ``dispatch_payload`` (exact, bf16, fp8) and ``combine_payload`` (exact, bf16)."""
     classes = {"flat": FlatDispatcher, "hierarchical": HierarchicalDispatcher, "local": LocalDispatcher}
     if name not in classes:
         raise ValueError(f"dispatcher {name!r} unknown; allowed: {', '.join(DISPATCHERS)}")
-    return classes[name](topology, num_experts)
+    return classes[name](topology, num_experts, **payloads)

@@ -38,7 +38,10 @@ class LayerStats:
 class MoELayer(nn.Module):
     """Mixture-of-Experts FFN over the expert-parallel domain of ``topology``.
 
-    Each rank holds ``num_experts / ep_size`` experts. ``capacity_factor=None`` is dropless.
+    Each rank holds ``num_experts / ep_size`` experts. ``capacity_factor=None`` is dropless;
+    ``"auto"`` (the default) is dropless for SMILE's ``bilevel`` router (only real tokens travel)
+    and 1.0 for the others, as in Switch/GShard. ``dispatch_payload`` (exact, bf16, fp8) and
+    ``combine_payload`` (exact, bf16) set the All2All wire formats; exact by default.
     Expert weights are initialised from ``(seed drawn from torch's RNG, global expert id)``,
     so the same seed gives the same model on any topology. ``forward`` returns
     ``(output, aux_loss)``; add ``aux_loss`` to the task loss.
@@ -52,21 +55,31 @@ class MoELayer(nn.Module):
         router: str = "switch",
         k: int | None = None,
         dispatcher: str | None = None,
-        capacity_factor: float | None = 1.0,
+        capacity_factor: float | str | None = "auto",
         topology: Topology | None = None,
         activation: str = "gelu",
         backend: str = "auto",
         gemm: str = "auto",
+        dispatch_payload: str = "exact",
+        combine_payload: str = "exact",
         **router_options,
     ) -> None:
         super().__init__()
         self.topology = topology or Topology(1, 1)
         if dispatcher is None:
             dispatcher = "local" if self.topology.ep_size == 1 else "flat"
+        if capacity_factor == "auto":
+            capacity_factor = None if router == "bilevel" else 1.0
         if router != "bilevel" and k is not None:
             router_options["k"] = k
         self.d_model, self.num_experts = d_model, num_experts
-        self.dispatcher = build_dispatcher(dispatcher, self.topology, num_experts)
+        self.dispatcher = build_dispatcher(
+            dispatcher,
+            self.topology,
+            num_experts,
+            dispatch_payload=dispatch_payload,
+            combine_payload=combine_payload,
+        )
         self.router = build_router(
             router,
             d_model,

@@ -1,0 +1,235 @@
+"""MoE layers side by side: forward+backward tokens/s of Switch, SMILE and DeepSpeed-MoE.
+
+Variants (same d_model, d_ff, experts, tokens, top-1, capacity factor, fp32, one run):
+  switch+flat           smile.MoELayer(router="switch", dispatcher="flat")        (Switch baseline)
+  switch+hierarchical   smile.MoELayer(router="switch", dispatcher="hierarchical")
+  smile                 smile.MoELayer(router="bilevel", dispatcher="hierarchical")
+  deepspeed             deepspeed.moe.layer.MoE(ep_size=world, k=1), its own gate and All2All;
+                        set_deepspeed_parallelism() is called directly (no deepspeed.initialize)
+Optional SMILE levers (``--variants``), each changing one thing and named for it:
+  smile+dropless        capacity_factor=None: only real tokens travel, nothing is dropped
+  smile+bf16            All2All payloads sent as bf16 (dispatch and combine; lossy)
+  smile+fp8             dispatch payload fp8 e4m3 with a per-token scale, combine bf16 (lossy)
+
+Iterations are interleaved across variants so machine load hits all of them alike. A step ends
+when its slowest rank ends: each iteration's time is the maximum over ranks, and tokens/s is
+``world * tokens / median``. Prints the SMILE / DeepSpeed and SMILE / Switch ratios.
+
+Run like benchmarks/all2all_bench.py: simulated (``--nodes --gpus-per-node``), under
+``smile cluster ... -- benchmarks/moe_layer_bench.py``, or under torchrun on GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from smile.layer import MoELayer
+from smile.sim.cluster import describe_environment, run_ranks, under_torchrun
+
+VARIANTS = ("switch+flat", "switch+hierarchical", "smile", "deepspeed")
+LEVERS = ("smile+dropless", "smile+bf16", "smile+fp8")
+_SMILE = {"router": "bilevel", "dispatcher": "hierarchical"}
+_SMILE_VARIANTS: dict[str, dict] = {
+    "switch+flat": {"router": "switch", "dispatcher": "flat"},
+    "switch+hierarchical": {"router": "switch", "dispatcher": "hierarchical"},
+    "smile": _SMILE,
+    "smile+dropless": {**_SMILE, "capacity_factor": None},
+    "smile+bf16": {**_SMILE, "dispatch_payload": "bf16", "combine_payload": "bf16"},
+    "smile+fp8": {**_SMILE, "dispatch_payload": "fp8", "combine_payload": "bf16"},
+}
+
+
+def _device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _DeepSpeedAdapter(nn.Module):
+    """deepspeed.moe.layer.MoE behind smile's ``(out, aux) = layer(x)`` signature."""
+
+    def __init__(self, topo, cfg: dict) -> None:
+        super().__init__()
+        import deepspeed
+        from deepspeed.moe.layer import MoE
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        d, dff = cfg["d_model"], cfg["d_ff"]
+        expert = nn.Sequential(nn.Linear(d, dff, bias=False), nn.GELU(), nn.Linear(dff, d, bias=False))
+        cf = cfg["capacity_factor"]
+        self.moe = MoE(
+            d,
+            expert,
+            num_experts=cfg["experts_per_rank"] * topo.ep_size,
+            ep_size=topo.ep_size,
+            k=1,
+            capacity_factor=cf,
+            eval_capacity_factor=cf,
+        )
+        self.moe.set_deepspeed_parallelism()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, aux, _ = self.moe(x)
+        return out, aux
+
+
+def build_layer(name: str, topo, cfg: dict) -> nn.Module:
+    if name == "deepspeed":
+        return _DeepSpeedAdapter(topo, cfg)
+    if name not in _SMILE_VARIANTS:
+        raise ValueError(f"variant {name!r} unknown; allowed: {', '.join(VARIANTS + LEVERS)}")
+    options = {"capacity_factor": cfg["capacity_factor"], **_SMILE_VARIANTS[name]}
+    return MoELayer(
+        cfg["d_model"], cfg["d_ff"], cfg["experts_per_rank"] * topo.ep_size, k=1, topology=topo, **options
+    )
+
+
+def _step(layer: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    layer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier()
+    start = time.perf_counter()
+    out, aux = layer(x)
+    (out.float().square().mean() + aux).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def moe_layer_worker(topo, cfg: dict) -> dict:
+    """Build every variant on this rank, then time interleaved fwd+bwd steps."""
+    device = _device()
+    layers = {}
+    for name in cfg["variants"]:
+        torch.manual_seed(0)
+        layers[name] = build_layer(name, topo, cfg).to(device)
+    gen = torch.Generator().manual_seed(1000 + topo.rank)
+    x = torch.randn(cfg["tokens"], cfg["d_model"], generator=gen).to(device).requires_grad_()
+    samples: dict[str, list[float]] = {name: [] for name in layers}
+    dropped: dict[str, list[float]] = {name: [] for name in layers}
+    for i in range(cfg["warmup"] + cfg["iters"]):
+        for name, layer in layers.items():
+            x.grad = None
+            t = _step(layer, x, device)
+            if i >= cfg["warmup"]:
+                samples[name].append(t)
+                stats = getattr(layer, "last_stats", None)
+                if stats is not None:
+                    dropped[name].append(stats.dropped_fraction)
+    result = {}
+    for name, times in samples.items():
+        slow = torch.tensor(times, dtype=torch.float64, device=device)
+        dist.all_reduce(slow, op=dist.ReduceOp.MAX)
+        result[name] = {
+            "samples_s": slow.tolist(),
+            "dropped": statistics.mean(dropped[name]) if dropped[name] else None,
+        }
+    return result
+
+
+def summarize(per_rank: list[dict], cfg: dict, world: int) -> dict[str, dict]:
+    rows = {}
+    for name in cfg["variants"]:
+        slow = per_rank[0][name]["samples_s"]  # already the max over ranks
+        drops = [r[name]["dropped"] for r in per_rank if r[name]["dropped"] is not None]
+        median = statistics.median(slow)
+        rows[name] = {
+            "median_ms": 1e3 * median,
+            "min_ms": 1e3 * min(slow),
+            "max_ms": 1e3 * max(slow),
+            "tokens_per_s": world * cfg["tokens"] / median,
+            "dropped": statistics.mean(drops) if drops else None,
+            "samples_s": slow,
+        }
+    return rows
+
+
+def ratios(rows: dict[str, dict]) -> dict[str, float]:
+    out = {}
+    pairs = [("smile", "deepspeed"), ("smile", "switch+flat"), ("switch+flat", "deepspeed")]
+    for a, b in pairs + [(lever, "deepspeed") for lever in LEVERS]:
+        if a in rows and b in rows:
+            out[f"{a} / {b}"] = rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=2, help="simulated nodes (ignored under torchrun)")
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=2, help="simulated ranks per node (ignored under torchrun)"
+    )
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-ff", type=int, default=512)
+    parser.add_argument("--experts-per-rank", type=int, default=1)
+    parser.add_argument("--capacity-factor", type=float, default=1.0)
+    parser.add_argument("--iters", type=int, default=8, help="timed iterations per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma separated from {', '.join(VARIANTS + LEVERS)}"
+    )
+    parser.add_argument("--out", help="write the JSON report here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = {
+        k: getattr(args, k)
+        for k in ("tokens", "d_model", "d_ff", "experts_per_rank", "capacity_factor", "iters", "warmup")
+    }
+    cfg["variants"] = [v.strip() for v in args.variants.split(",")]
+    unknown = set(cfg["variants"]) - set(VARIANTS + LEVERS)
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; allowed: {', '.join(VARIANTS + LEVERS)}")
+    load_start = os.getloadavg()
+    per_rank = run_ranks(moe_layer_worker, args.nodes, args.gpus_per_node, cfg, timeout=3600)
+    if per_rank is None:  # not rank 0 of a torchrun job
+        return 0
+    world = len(per_rank)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", args.gpus_per_node))
+    backend = "nccl" if under_torchrun() and torch.cuda.is_available() else "gloo"
+    env = {**describe_environment(backend), "layout": f"{world // local} nodes x {local} ranks"}
+    env["loadavg_start"] = list(load_start)
+    rows = summarize(per_rank, cfg, world)
+    report = {
+        "benchmark": "moe_layer",
+        "config": {**cfg, "nodes": world // local, "gpus_per_node": local, "world": world},
+        "environment": env,
+        "results": rows,
+        "ratios": ratios(rows),
+    }
+    print(
+        f"MoE layer fwd+bwd, {env['layout']} ({backend}), {cfg['tokens']} tokens/rank, "
+        f"d_model {cfg['d_model']}, d_ff {cfg['d_ff']}, {cfg['experts_per_rank'] * world} experts, "
+        f"top-1, cf {cfg['capacity_factor']}; "
+        f"{env['network']}"
+    )
+    print(f"{'variant':22} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'tokens/s':>10} {'dropped':>8}")
+    for name, r in rows.items():
+        drop = "-" if r["dropped"] is None else f"{r['dropped']:.1%}"
+        print(
+            f"{name:22} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['max_ms']:9.1f} "
+            f"{r['tokens_per_s']:10.0f} {drop:>8}"
+        )
+    for label, value in report["ratios"].items():
+        print(f"tokens/s ratio {label}: {value:.2f}x")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

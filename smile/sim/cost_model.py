@@ -1,0 +1,494 @@
+"""Alpha-beta cost model of flat vs hierarchical All2All and of one MoE layer step.
+
+Why: SMILE's claim is about clusters of hundreds of GPUs; this model extrapolates from what can
+be measured (the emulated cluster of :mod:`smile.sim.cluster`) to such clusters, and is only as
+credible as its fit to those measurements, which :func:`fit_all2all` reports.
+
+It follows :mod:`smile.comm` exactly, per rank sending ``m`` bytes spread evenly over all ranks:
+
+* flat: a count exchange, then one All2All over W = N*G ranks: (N-1)*G inter-node peers and
+  G-1 intra-node peers; a node's uplink carries ``G * m * (N-1)/N`` bytes; one regroup copy.
+* hierarchical: hop 1 among the N ranks sharing a local rank (N-1 inter-node peers, the same
+  uplink bytes), a regroup copy, hop 2 among the G ranks of a node (G-1 intra-node peers,
+  ``m*(G-1)/G`` bytes), another copy; each hop starts with its own count exchange.
+
+A hop costs ``collective_overhead + peers * latency + bytes / bandwidth`` per tier; the two tiers
+of one flat collective overlap when ``overlap_tiers`` (NCCL on NVLink + NIC) and add up
+otherwise (gloo on one CPU, where every byte costs the same cores). A copy of ``b`` bytes costs
+``b / copy_bandwidth``. A hop with no peer (N=1 or G=1) is a local copy. Not modelled: network
+congestion and incast, message-size dependent protocols, overlap of communication with compute.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+
+DISPATCH_KINDS = ("flat", "hierarchical")
+LAYER_KINDS = ("switch", "smile")
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """A cluster of ``nodes`` x ``gpus_per_node``: per-tier bandwidth (bytes/s) and latency (s)."""
+
+    name: str
+    nodes: int
+    gpus_per_node: int
+    inter_bandwidth: float  # bytes/s into and out of one node, all its NICs together
+    inter_latency: float  # s per inter-node message
+    intra_bandwidth: float  # bytes/s from one GPU to its node peers
+    intra_latency: float  # s per intra-node message
+    collective_overhead: float  # s per collective call (launch, synchronisation)
+    copy_bandwidth: float  # bytes/s of output of a local row gather (regroup, permute)
+    flops: float  # achieved FLOP/s per GPU on the layer's matmuls
+    overlap_tiers: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ClusterSpec.{name} must be a positive int, got {value!r}")
+        for name in ("inter_bandwidth", "intra_bandwidth", "copy_bandwidth", "flops"):
+            if not getattr(self, name) > 0:
+                raise ValueError(
+                    f"ClusterSpec.{name} must be > 0 (math.inf allowed), got {getattr(self, name)!r}"
+                )
+        for name in ("inter_latency", "intra_latency", "collective_overhead"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"ClusterSpec.{name} must be >= 0 seconds, got {getattr(self, name)!r}")
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def with_nodes(self, nodes: int) -> ClusterSpec:
+        return replace(self, nodes=nodes)
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ClusterSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown ClusterSpec fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**{k: (math.inf if v is None else v) for k, v in data.items()})
+
+
+# Effective (not nominal) figures; the nominal link rates they derive from are in each comment.
+PRESETS: dict[str, ClusterSpec] = {
+    # AWS p4d-like: 8x A100 on NVSwitch (NVLink3, 300 GB/s per direction per GPU, ~2/3 reached by
+    # All2All), 4x 100 Gb/s EFA per node (50 GB/s, 80% reached); EFA/libfabric ~15 us per message;
+    # A100 bf16 312 TFLOP/s dense at 56%; gathers at 45% of 1.55 TB/s HBM, output bytes counted.
+    "a100-efa": ClusterSpec(
+        name="8xA100 NVLink + 4x100Gb/s EFA",
+        nodes=16,
+        gpus_per_node=8,
+        inter_bandwidth=40 * GB,
+        inter_latency=15e-6,
+        intra_bandwidth=200 * GB,
+        intra_latency=3e-6,
+        collective_overhead=20e-6,
+        copy_bandwidth=0.35e12,
+        flops=175e12,
+    ),
+    # DGX H100-like: 8x H100 on NVSwitch (NVLink4, 450 GB/s per direction, ~2/3 reached), 8x 400
+    # Gb/s InfiniBand per node (400 GB/s, 80% reached), ~5 us per IB message; bf16 matmuls at
+    # 400 TFLOP/s and torch gathers at 0.7 TB/s of output (both measured on H100/H200, ANCHORS).
+    "h100-ib": ClusterSpec(
+        name="8xH100 NVLink + 8x400Gb/s InfiniBand",
+        nodes=16,
+        gpus_per_node=8,
+        inter_bandwidth=320 * GB,
+        inter_latency=5e-6,
+        intra_bandwidth=300 * GB,
+        intra_latency=2e-6,
+        collective_overhead=15e-6,
+        copy_bandwidth=0.7e12,
+        flops=400e12,
+    ),
+}
+
+
+def preset(name: str) -> ClusterSpec:
+    if name not in PRESETS:
+        raise ValueError(f"unknown cluster preset {name!r}; allowed: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def emulated_spec(nodes: int, gpus_per_node: int, rate_mbit: float) -> ClusterSpec:
+    """Nominal description of an emulated cluster (tbf uplinks, loopback, gloo on shared CPUs).
+
+    Only the uplink rate is known; the other figures are rough starting points that
+    :func:`fit_all2all` replaces with fitted ones.
+    """
+    return ClusterSpec(
+        name=f"emulated {nodes}x{gpus_per_node} @ {rate_mbit:g} Mbit/s",
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        inter_bandwidth=rate_mbit * 1e6 / 8,
+        inter_latency=200e-6,
+        intra_bandwidth=1 * GB,
+        intra_latency=100e-6,
+        collective_overhead=1e-3,
+        copy_bandwidth=2 * GB,
+        flops=10e9,
+        overlap_tiers=False,
+    )
+
+
+# ---- All2All -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Hop:
+    """One collective: peers and bytes per tier (uplink bytes are per node, intra per rank)."""
+
+    inter_peers: int
+    intra_peers: int
+    inter_bytes: float
+    intra_bytes: float
+
+
+def plan_hops(kind: str, nodes: int, gpus: int, size: float) -> tuple[list[Hop], float]:
+    """Collectives (count exchanges included) and local copy bytes of one dispatch, ``size`` bytes/rank."""
+    n, g = nodes, gpus
+    if kind == "flat":
+        hops = [((n - 1) * g, g - 1, g * size * (n - 1) / n, size * (g - 1) / (n * g))]
+    elif kind == "hierarchical":
+        hops = [(n - 1, 0, g * size * (n - 1) / n, 0.0), (0, g - 1, 0.0, size * (g - 1) / g)]
+    else:
+        raise ValueError(f"dispatch kind {kind!r} unknown; allowed: {', '.join(DISPATCH_KINDS)}")
+    plan, copy_bytes = [], 0.0
+    for inter_peers, intra_peers, inter_bytes, intra_bytes in hops:
+        copy_bytes += size  # the regroup after every hop
+        if inter_peers + intra_peers == 0:
+            copy_bytes += size  # a group of one clones the buffer instead of exchanging it
+            continue
+        plan += [
+            Hop(inter_peers, intra_peers, 0.0, 0.0),
+            Hop(inter_peers, intra_peers, inter_bytes, intra_bytes),
+        ]
+    return plan, copy_bytes
+
+
+def _hop_time(spec: ClusterSpec, hop: Hop) -> float:
+    inter = hop.inter_peers * spec.inter_latency + hop.inter_bytes / spec.inter_bandwidth
+    intra = hop.intra_peers * spec.intra_latency + hop.intra_bytes / spec.intra_bandwidth
+    return spec.collective_overhead + (max(inter, intra) if spec.overlap_tiers else inter + intra)
+
+
+def all2all_time(spec: ClusterSpec, kind: str, size: float) -> float:
+    """Seconds for one dispatch (or combine) of ``size`` bytes per rank over the whole cluster."""
+    hops, copy_bytes = plan_hops(kind, spec.nodes, spec.gpus_per_node, size)
+    return sum(_hop_time(spec, hop) for hop in hops) + copy_bytes / spec.copy_bandwidth
+
+
+# ---- one MoE layer step -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MoEWorkload:
+    """One MoE layer per GPU: tokens, sizes, routing, and the payload's element size."""
+
+    tokens_per_gpu: int = 8192
+    d_model: int = 1024
+    d_ff: int = 4096
+    experts_per_gpu: int = 1
+    k: int = 1
+    capacity_factor: float = 1.0
+    bytes_per_element: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_gpu", "d_model", "d_ff", "experts_per_gpu", "k", "bytes_per_element"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoEWorkload.{name} must be a positive int, got {value!r}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"MoEWorkload.capacity_factor must be > 0, got {self.capacity_factor!r}")
+
+    def rows(self, num_experts: int) -> int:
+        """Rows a rank sends: a capacity-padded buffer, ``ceil(cf * T * k / E)`` per expert."""
+        return math.ceil(self.capacity_factor * self.tokens_per_gpu * self.k / num_experts) * num_experts
+
+
+def layer_step(
+    spec: ClusterSpec, workload: MoEWorkload, kind: str, dispatch: str | None = None
+) -> dict[str, float]:
+    """Seconds per forward+backward of one layer on every GPU, by term, and ``total``.
+
+    switch = top-1 router over all E experts + flat dispatch; smile = bi-level router over N
+    nodes and G*e experts per node + hierarchical dispatch (``dispatch`` overrides the pairing).
+    Four All2Alls per step (dispatch and combine, forward and backward); matmuls cost 3x their
+    forward FLOPs; nothing overlaps.
+    """
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"layer kind {kind!r} unknown; allowed: {', '.join(LAYER_KINDS)}")
+    w = workload
+    experts = w.experts_per_gpu * spec.world
+    rows = w.rows(experts)
+    size = rows * w.d_model * w.bytes_per_element
+    router_outputs = experts if kind == "switch" else spec.nodes + spec.gpus_per_node * w.experts_per_gpu
+    dispatch = dispatch or ("flat" if kind == "switch" else "hierarchical")
+    terms = {
+        "router": 3 * 2 * w.tokens_per_gpu * w.d_model * router_outputs / spec.flops,
+        "experts": 3 * 2 * 2 * rows * w.d_model * w.d_ff / spec.flops,
+        "permute": 4 * size / spec.copy_bandwidth,
+        "all2all": 4 * all2all_time(spec, dispatch, size),
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def calibrate_flops(spec: ClusterSpec, workload: MoEWorkload, kind: str, seconds: float) -> ClusterSpec:
+    """``spec`` with the FLOP/s that makes ``layer_step(kind)`` take the measured ``seconds``.
+
+    Communication and copies come from ``spec`` (e.g. fitted to All2All measurements); the one
+    free parameter is the matmul rate, so predicting the other layer kinds is a real check.
+    """
+    terms = layer_step(spec, workload, kind)
+    matmul_seconds = terms["router"] + terms["experts"]
+    rest = terms["total"] - matmul_seconds
+    if not seconds > rest:
+        raise ValueError(
+            f"measured {seconds:.4g}s per {kind} step is not above the model's communication and copies "
+            f"({rest:.4g}s): the All2All fit over-predicts this layer"
+        )
+    return replace(spec, flops=spec.flops * matmul_seconds / (seconds - rest))
+
+
+def tokens_per_second(spec: ClusterSpec, workload: MoEWorkload, kind: str) -> float:
+    return spec.world * workload.tokens_per_gpu / layer_step(spec, workload, kind)["total"]
+
+
+def projection(
+    spec: ClusterSpec, workload: MoEWorkload, node_counts: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+) -> list[dict[str, float]]:
+    """SMILE vs Switch per node count: All2All times, step times and the speedup."""
+    rows = []
+    for n in node_counts:
+        s = spec.with_nodes(n)
+        size = (
+            workload.rows(workload.experts_per_gpu * s.world) * workload.d_model * workload.bytes_per_element
+        )
+        switch, smile = layer_step(s, workload, "switch"), layer_step(s, workload, "smile")
+        rows.append(
+            {
+                "nodes": n,
+                "gpus": s.world,
+                "bytes_per_rank": size,
+                "flat_ms": 1e3 * all2all_time(s, "flat", size),
+                "hierarchical_ms": 1e3 * all2all_time(s, "hierarchical", size),
+                "switch_step_ms": 1e3 * switch["total"],
+                "smile_step_ms": 1e3 * smile["total"],
+                "speedup": switch["total"] / smile["total"],
+            }
+        )
+    return rows
+
+
+def crossover_size(spec: ClusterSpec, sizes: Sequence[float]) -> float | None:
+    """Smallest of ``sizes`` (bytes per rank) where hierarchical dispatch beats flat, else None."""
+    for size in sorted(sizes):
+        if all2all_time(spec, "hierarchical", size) < all2all_time(spec, "flat", size):
+            return size
+    return None
+
+
+def crossover_nodes(spec: ClusterSpec, size: float, max_nodes: int = 4096) -> int | None:
+    """Smallest node count (>= 2) where hierarchical dispatch of ``size`` bytes/rank beats flat."""
+    for n in range(2, max_nodes + 1):
+        s = spec.with_nodes(n)
+        if all2all_time(s, "hierarchical", size) < all2all_time(s, "flat", size):
+            return n
+    return None
+
+
+# ---- fitting to measurements --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measurement:
+    """A measured dispatch: kind, layout, bytes per rank, seconds (slowest rank, median)."""
+
+    kind: str
+    nodes: int
+    gpus_per_node: int
+    size: float
+    seconds: float
+
+
+FIT_PARAMS = ("collective_overhead", "inter_latency", "intra_latency", "1/inter_bandwidth",
+              "1/intra_bandwidth", "1/copy_bandwidth")  # fmt: skip
+
+
+def features(m: Measurement) -> np.ndarray:
+    """Coefficients of FIT_PARAMS in the time of ``m`` (tiers added, as with overlap_tiers=False)."""
+    hops, copy_bytes = plan_hops(m.kind, m.nodes, m.gpus_per_node, m.size)
+    row = np.array([0, 0, 0, 0, 0, copy_bytes], dtype=float)
+    for hop in hops:
+        row += [1, hop.inter_peers, hop.intra_peers, hop.inter_bytes, hop.intra_bytes, 0]
+    return row
+
+
+def nnls(a: np.ndarray, b: np.ndarray, iters: int = 200) -> np.ndarray:
+    """Non-negative least squares (Lawson-Hanson active set): argmin |a x - b|, x >= 0."""
+    n = a.shape[1]
+    x, passive = np.zeros(n), np.zeros(n, dtype=bool)
+    for _ in range(iters):
+        grad = a.T @ (b - a @ x)
+        if passive.all() or grad[~passive].max(initial=0) <= 1e-12 * max(1.0, np.abs(grad).max()):
+            break
+        passive[np.argmax(np.where(passive, -np.inf, grad))] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                x = z
+                break
+            bad = passive & (z <= 0)
+            step = np.min(x[bad] / (x[bad] - z[bad]))
+            x = x + step * (z - x)
+            passive &= x > 1e-15
+    return x
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The fitted cluster and how well it predicts: relative errors (pred - meas) / meas."""
+
+    spec: ClusterSpec
+    measurements: list[Measurement]
+    errors: list[float]  # in-sample
+    holdout_errors: list[float]  # each size predicted by a fit that did not see that size
+
+    def worst(self, kind: str | None = None, holdout: bool = False) -> float:
+        errs = self.holdout_errors if holdout else self.errors
+        picked = [abs(e) for e, m in zip(errs, self.measurements) if kind in (None, m.kind)]
+        return max(picked) if picked else math.nan
+
+    def sizes_within(self, kind: str, tolerance: float = 0.25, holdout: bool = False) -> list[float]:
+        """Sizes at which every measurement of ``kind`` (all layouts) is predicted within ``tolerance``."""
+        errs = self.holdout_errors if holdout else self.errors
+        points = [(m.size, abs(e)) for e, m in zip(errs, self.measurements) if m.kind == kind]
+        return sorted({s for s, _ in points} - {s for s, e in points if not e <= tolerance})
+
+
+def _solve(measurements: Sequence[Measurement], inter_cap: float | None) -> np.ndarray:
+    a = np.stack([features(m) for m in measurements])
+    t = np.array([m.seconds for m in measurements])
+    floor = np.zeros(len(FIT_PARAMS))
+    if inter_cap is not None:  # 1/inter_bandwidth = 1/cap + q with q >= 0
+        floor[FIT_PARAMS.index("1/inter_bandwidth")] = 1.0 / inter_cap
+    a, b = a / t[:, None], 1.0 - (a @ floor) / t  # relative error: every point weighs the same
+    scale = np.linalg.norm(a, axis=0)
+    scale[scale == 0] = 1.0
+    return floor + nnls(a / scale, b) / scale
+
+
+def _to_spec(base: ClusterSpec, p: np.ndarray) -> ClusterSpec:
+    def inv(v: float) -> float:
+        return math.inf if v <= 0 else float(1.0 / v)
+
+    return replace(
+        base,
+        name=f"{base.name} (fitted)",
+        collective_overhead=float(p[0]),
+        inter_latency=float(p[1]),
+        intra_latency=float(p[2]),
+        inter_bandwidth=inv(p[3]),
+        intra_bandwidth=inv(p[4]),
+        copy_bandwidth=inv(p[5]),
+        overlap_tiers=False,
+    )
+
+
+def _relative_error(spec: ClusterSpec, m: Measurement) -> float:
+    predicted = all2all_time(replace(spec, nodes=m.nodes, gpus_per_node=m.gpus_per_node), m.kind, m.size)
+    return predicted / m.seconds - 1
+
+
+def fit_all2all(
+    measurements: Sequence[Measurement], base: ClusterSpec, cap_inter_bandwidth: bool = True
+) -> FitResult:
+    """Fit latencies, overheads and inverse bandwidths (non-negative, relative least squares).
+
+    ``base`` supplies what All2All timings cannot (name, FLOP/s) and, with
+    ``cap_inter_bandwidth``, the uplink rate the fit may not exceed (a shaped link cannot go
+    faster than its shaper; without the cap, collinear byte terms can trade against each other).
+    Hold-out errors refit without each message size in turn and predict it: the honest measure
+    of the model's form.
+    """
+    measurements = list(measurements)
+    if len(measurements) < 2:
+        raise ValueError(f"fit_all2all needs at least 2 measurements, got {len(measurements)}")
+    for m in measurements:
+        if m.kind not in DISPATCH_KINDS:
+            raise ValueError(f"Measurement.kind {m.kind!r} unknown; allowed: {', '.join(DISPATCH_KINDS)}")
+        if not (m.seconds > 0 and m.size > 0):
+            raise ValueError(f"Measurement needs seconds > 0 and size > 0, got {m}")
+    cap = base.inter_bandwidth if cap_inter_bandwidth else None
+    spec = _to_spec(base, _solve(measurements, cap))
+    errors = [_relative_error(spec, m) for m in measurements]
+    holdout = []
+    for m in measurements:
+        rest = [o for o in measurements if o.size != m.size]
+        fitted = _to_spec(base, _solve(rest, cap)) if len(rest) >= 2 else None
+        holdout.append(_relative_error(fitted, m) if fitted else math.nan)
+    return FitResult(spec, measurements, errors, holdout)
+
+
+# ---- plots --------------------------------------------------------------------------------------
+def plot_fit(fit: FitResult, path: str) -> None:
+    """Measured (markers) vs fitted model (lines) All2All time against message size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    layouts = sorted({(m.nodes, m.gpus_per_node) for m in fit.measurements})
+    for (n, g), color in zip(layouts, ("C0", "C1", "C2", "C3")):
+        for kind, marker, style in (("flat", "o", "-"), ("hierarchical", "s", "--")):
+            pts = sorted(
+                (m.size, m.seconds)
+                for m in fit.measurements
+                if (m.nodes, m.gpus_per_node, m.kind) == (n, g, kind)
+            )
+            if not pts:
+                continue
+            sizes = np.geomspace(pts[0][0], pts[-1][0], 50)
+            s = replace(fit.spec, nodes=n, gpus_per_node=g)
+            ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker, color=color, mfc="none")
+            ax.plot(sizes, [all2all_time(s, kind, x) * 1e3 for x in sizes], style, color=color,
+                    label=f"{n}x{g} {kind}")  # fmt: skip
+    ax.set(xscale="log", yscale="log", xlabel="bytes per rank", ylabel="ms per dispatch",
+           title="All2All on the emulated cluster: measured (markers) vs model (lines)")  # fmt: skip
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_projection(curves: dict[str, list[dict[str, float]]], path: str, claim: float = 2.5) -> None:
+    """SMILE / Switch layer speedup against node count, one curve per cluster."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, rows in curves.items():
+        ax.plot([r["nodes"] for r in rows], [r["speedup"] for r in rows], "o-", label=label)
+    ax.axhline(claim, color="gray", ls=":", label=f"paper's claim ({claim}x, end to end)")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set(xscale="log", xlabel="nodes", ylabel="SMILE / Switch MoE-layer throughput",
+           title="Projected MoE layer speedup (alpha-beta model)")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

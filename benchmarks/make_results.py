@@ -385,6 +385,59 @@ def caveats(envs: list[dict], moe: dict | None) -> list[str]:
     return [f"- {item}" for item in items] + [""]
 
 
+def gpu_sections(results: Path) -> list[str]:
+    """Stored single-GPU results (measured on a lent GPU; this script cannot re-run them)."""
+    lines: list[str] = []
+    for table in sorted(results.glob("dispatch_*.md")):
+        card, date = table.stem.split("_")[1:3]
+        env = table.with_name(table.stem + ".env.txt")
+        lines += [
+            f"## Fused dispatch kernels on one GPU ({card.upper()}, {date})",
+            "",
+            "`bash benchmarks/gpu_check.sh` on a CUDA machine (builds `smile._C`, runs the GPU kernel tests, "
+            "then `benchmarks/dispatch_bench.py`). Median of `triton.testing.do_bench`; every result "
+            "checked against the torch reference on fresh random inputs. `% copy` is effective bandwidth "
+            "over the measured device-to-device copy; bytes counted as in ANCHORS (permute reads and writes "
+            "T*k*H, combine reads T*k*H and writes T*H), so k=8 permute exceeds 100% "
+            "(rows re-read from cache). "
+            "`index` (destination offsets, including its host sync) is timed separately from permute.",
+            "",
+        ]
+        if env.exists():
+            lines += ["```", env.read_text().strip(), "```", ""]
+        lines += [table.read_text().strip(), ""]
+    for path in sorted(results.glob("moe_layer_h*.json")):
+        rep = load(path)
+        lines += [
+            f"## One MoE layer on one GPU ({rep['device']}, {rep['date']})",
+            "",
+            f"`python benchmarks/moe_layer_gpu_bench.py`, {rep['dtype']}, forward + backward, dropless "
+            f"smile layer (router, fused dispatch, grouped GEMM, fused combine) vs the torch loop and "
+            f"DeepSpeed-MoE "
+            f"(ep 1, cf 1.0, which drops overflow tokens while smile computes all) in the same run; "
+            f"torch {rep['torch']}; smile's dispatch ran on its Triton backend (the CUDA extension was "
+            f"not built in that run). Dense bf16 matmul ceiling measured in the same run: "
+            f"{rep['ceiling_tflops']:.0f} TFLOP/s. Expert TFLOP/s = 12 T k d ff / time.",
+            "",
+            "| T, d, ff, E, k | torch loop | DeepSpeed-MoE | smile (bmm) | smile | smile vs loop "
+            "| smile vs DeepSpeed |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rep["rows"]:
+            ds = next(k[:-3] for k in r if k.startswith("deepspeed") and k.endswith("_ms"))
+            cells = [
+                f"{r[v + '_ms']:.2f} ms, {r[v + '_tflops']:.0f}"
+                for v in ("torch_loop", ds, "smile_bmm", "smile")
+            ]
+            lines.append(
+                f"| {r['T']}, {r['d_model']}, {r['d_ff']}, {r['E']}, {r['k']} | "
+                + " | ".join(cells)
+                + f" | {r['torch_loop_ms'] / r['smile_ms']:.2f}x | {r[ds + '_ms'] / r['smile_ms']:.2f}x |"
+            )
+        lines.append("")
+    return lines
+
+
 def render(results: Path) -> tuple[str, cm.FitResult, dict]:
     a2a = [load(p) for p in sorted(results.glob("all2all_emulated_*.json"))]
     if not a2a:
@@ -427,6 +480,7 @@ def render(results: Path) -> tuple[str, cm.FitResult, dict]:
         "## Projection: SMILE vs Switch from 1 to 256 nodes",
         "",
         *projection_section(workload, curves),
+        *gpu_sections(results),
     ]
     summary = {
         "spec": fitted.to_dict(),

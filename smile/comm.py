@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from smile.payload import ExactCodec, PayloadCodec, get_codec
 from smile.topology import Topology
@@ -113,20 +114,23 @@ class _Hop:
     send_splits: list[int]
     recv_splits: list[int]
     index: torch.Tensor
+    label: str  # profiler region: smile.a2a.<label>
     dispatch_codec: PayloadCodec = EXACT
     combine_codec: PayloadCodec = EXACT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = all_to_all(
-            x, self.recv_splits, self.send_splits, self.group, self.dispatch_codec, self.combine_codec
-        )
-        return out.index_select(0, self.index)
+        with record_function(f"smile.a2a.{self.label}"):
+            out = all_to_all(
+                x, self.recv_splits, self.send_splits, self.group, self.dispatch_codec, self.combine_codec
+            )
+            return out.index_select(0, self.index)
 
     def backward(self, y: torch.Tensor) -> torch.Tensor:
-        y = y.index_select(0, _inverse(self.index))
-        return all_to_all(
-            y, self.send_splits, self.recv_splits, self.group, self.combine_codec, self.combine_codec
-        )
+        with record_function(f"smile.a2a.{self.label}"):
+            y = y.index_select(0, _inverse(self.index))
+            return all_to_all(
+                y, self.send_splits, self.recv_splits, self.group, self.combine_codec, self.combine_codec
+            )
 
 
 @dataclass
@@ -174,8 +178,8 @@ class Dispatcher:
     def _plan_hops(self, row_counts: torch.Tensor) -> tuple[list[_Hop], torch.Tensor]:
         raise NotImplementedError
 
-    def _hop(self, group, send: list[int], recv: list[int], index: torch.Tensor) -> _Hop:
-        return _Hop(group, send, recv, index, self.dispatch_codec, self.combine_codec)
+    def _hop(self, label: str, group, send: list[int], recv: list[int], index: torch.Tensor) -> _Hop:
+        return _Hop(group, send, recv, index, label, self.dispatch_codec, self.combine_codec)
 
 
 def _sizes(counts: torch.Tensor) -> list[int]:
@@ -189,7 +193,9 @@ class FlatDispatcher(Dispatcher):
         w = self.topology.ep_size
         send = row_counts.view(w, self.num_local)
         recv = exchange_counts(send, self.topology.group("ep"))  # [src rank, local expert]
-        hop = self._hop(self.topology.group("ep"), _sizes(send), _sizes(recv), regroup_index(recv, (1, 0)))
+        hop = self._hop(
+            "flat", self.topology.group("ep"), _sizes(send), _sizes(recv), regroup_index(recv, (1, 0))
+        )
         return [hop], recv
 
 
@@ -202,10 +208,10 @@ class HierarchicalDispatcher(Dispatcher):
         inter, intra = topo.group("inter"), topo.group("intra")
         send1 = row_counts.view(n, g, e)
         recv1 = exchange_counts(send1, inter)  # [src node, dest gpu, local expert]
-        hop1 = self._hop(inter, _sizes(send1), _sizes(recv1), regroup_index(recv1, (1, 0, 2)))
+        hop1 = self._hop("inter", inter, _sizes(send1), _sizes(recv1), regroup_index(recv1, (1, 0, 2)))
         send2 = recv1.permute(1, 0, 2).contiguous()  # [dest gpu, src node, local expert]
         recv2 = exchange_counts(send2, intra)  # [src gpu, src node, local expert]
-        hop2 = self._hop(intra, _sizes(send2), _sizes(recv2), regroup_index(recv2, (2, 1, 0)))
+        hop2 = self._hop("intra", intra, _sizes(send2), _sizes(recv2), regroup_index(recv2, (2, 1, 0)))
         return [hop1, hop2], recv2
 
 

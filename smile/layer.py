@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from smile.comm import build_dispatcher
 from smile.dispatch import get_backend, permute, unpermute_combine
@@ -100,17 +101,19 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, self.d_model)
         plan = self.router(tokens)
         backend = get_backend(self.backend_name, tokens.device)
-        dest, src, counts = backend.dispatch_index(
-            plan.expert_ids, plan.keep, self.num_experts, plan.capacity
-        )
-        rows = permute(tokens, src, dest, backend)
-        if plan.capacity is None:
-            row_counts = counts
-        else:
-            row_counts = torch.full_like(counts, plan.capacity)
+        with record_function("smile.dispatch"):
+            dest, src, counts = backend.dispatch_index(
+                plan.expert_ids, plan.keep, self.num_experts, plan.capacity
+            )
+            rows = permute(tokens, src, dest, backend)
+            if plan.capacity is None:
+                row_counts = counts
+            else:
+                row_counts = torch.full_like(counts, plan.capacity)
         expert_in, expert_counts, handle = self.dispatcher.dispatch(rows, row_counts)
         expert_out = self.experts(expert_in, expert_counts)
         back = self.dispatcher.combine(expert_out, handle)
-        out = unpermute_combine(back, plan.gates.to(back.dtype), dest, src, backend)
+        with record_function("smile.combine"):
+            out = unpermute_combine(back, plan.gates.to(back.dtype), dest, src, backend)
         self.last_stats = LayerStats(counts.detach(), plan.keep, plan.losses)
         return out.view(x.shape), plan.aux_loss

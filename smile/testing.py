@@ -62,7 +62,7 @@ def _worker(
 
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-        topo = Topology.simulated(nodes, gpus_per_node)
+        topo = Topology.simulated(nodes, gpus_per_node, group_timeout_s=timeout)
         result = fn(topo, *args)
         dist.barrier()
         results.put((rank, True, result))

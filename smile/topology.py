@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -26,6 +27,7 @@ class Topology:
     gpus_per_node: int
     rank: int = 0
     ep_nodes: int | None = None
+    group_timeout_s: float | None = None  # sub-group collective timeout (None: torch's default)
     _groups: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -42,7 +44,13 @@ class Topology:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def simulated(cls, nodes: int, gpus_per_node: int, ep_nodes: int | None = None) -> Topology:
+    def simulated(
+        cls,
+        nodes: int,
+        gpus_per_node: int,
+        ep_nodes: int | None = None,
+        group_timeout_s: float | None = None,
+    ) -> Topology:
         """Present the initialised process group as ``nodes x gpus_per_node``."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         if nodes * gpus_per_node != world:
@@ -51,10 +59,15 @@ class Topology:
                 f"{nodes * gpus_per_node} ranks does not tile the world size {world}"
             )
         rank = dist.get_rank() if dist.is_initialized() else 0
-        return cls(nodes, gpus_per_node, rank, ep_nodes)
+        return cls(nodes, gpus_per_node, rank, ep_nodes, group_timeout_s)
 
     @classmethod
-    def from_env(cls, sim_nodes: int | None = None, ep_nodes: int | None = None) -> Topology:
+    def from_env(
+        cls,
+        sim_nodes: int | None = None,
+        ep_nodes: int | None = None,
+        group_timeout_s: float | None = None,
+    ) -> Topology:
         """Read torchrun's environment; ``sim_nodes`` overrides the node count (simulation)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if sim_nodes is not None:
@@ -66,7 +79,7 @@ class Topology:
             if world % local:
                 raise ValueError(f"LOCAL_WORLD_SIZE={local} does not tile WORLD_SIZE={world}")
         rank = int(os.environ.get("RANK", "0"))
-        return cls(world // local, local, rank, ep_nodes)
+        return cls(world // local, local, rank, ep_nodes, group_timeout_s)
 
     # ---- coordinates ----------------------------------------------------------------------
     @property
@@ -124,6 +137,13 @@ class Topology:
             "edp": [list(range(r, w, ep)) for r in range(ep)],
         }
 
+    def _new_group(self, ranks: list[int]) -> dist.ProcessGroup:
+        if len(ranks) == dist.get_world_size():
+            return dist.group.WORLD
+        if self.group_timeout_s is None:
+            return dist.new_group(ranks)
+        return dist.new_group(ranks, timeout=timedelta(seconds=self.group_timeout_s))
+
     def group(self, kind: str) -> dist.ProcessGroup | None:
         """The cached process group of ``kind`` (ep, inter, intra, edp) containing this rank.
 
@@ -135,7 +155,7 @@ class Topology:
         if not self._groups:
             for name, partitions in self._all_partitions().items():
                 for ranks in partitions:
-                    pg = dist.new_group(ranks) if len(ranks) < dist.get_world_size() else dist.group.WORLD
+                    pg = self._new_group(ranks)
                     if self.rank in ranks:
                         self._groups[name] = pg
         if kind not in self._groups:

@@ -58,12 +58,14 @@ def init_distributed(cfg: DistConfig | None = None) -> Topology:
             store = dist.PrefixStore(f"smile/attempt_{restart}/", store)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     if cfg.sim_nodes is not None:
-        return Topology.simulated(cfg.sim_nodes, dist.get_world_size() // cfg.sim_nodes, cfg.ep_nodes)
+        return Topology.simulated(
+            cfg.sim_nodes, dist.get_world_size() // cfg.sim_nodes, cfg.ep_nodes, cfg.timeout_s
+        )
     world = dist.get_world_size()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if world % local:
         raise ValueError(f"LOCAL_WORLD_SIZE={local} does not tile WORLD_SIZE={world}")
-    return Topology.simulated(world // local, local, cfg.ep_nodes)
+    return Topology.simulated(world // local, local, cfg.ep_nodes, cfg.timeout_s)
 
 
 def _free_port() -> int:

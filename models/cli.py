@@ -31,4 +31,4 @@ def main(args: argparse.Namespace) -> int:
     cli = importlib.import_module(f"smile.models.{args.method}.cli")
     parser = argparse.ArgumentParser(prog=f"smile zoo {args.method}")
     cli.add_arguments(parser)
-    return cli.main(parser.parse_args(args.rest))
+    return cli.main(parser.parse_intermixed_args(args.rest))

@@ -17,7 +17,7 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/smile demo
+	$(BIN)/smile train --nproc 4 --sim-nodes 2 --config configs/pretrain_tiny.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15

@@ -129,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {args.repeats}; capacity factor {args.capacity_factor}"
     )
     header = ("tokens/s", 10), ("step ms", 9), ("fwd ms", 8), ("bwd ms", 8), ("ce", 7), ("dropped", 8)
-    print(f"{'variant':28} " + " ".join(f"{name:>{width}}" for name, width in header))
+    print(f"{'variant':31} " + " ".join(f"{name:>{width}}" for name, width in header))
     labels = {"switch": "Switch (switch + flat)", "smile": "SMILE (bilevel + hierarchical)"}
     for name, row in rows.items():
         print(
-            f"{labels[name]:28} {row['tokens_per_s']:10.0f} {row['step_ms']:9.1f} {row['forward_ms']:8.1f} "
+            f"{labels[name]:31} {row['tokens_per_s']:10.0f} {row['step_ms']:9.1f} {row['forward_ms']:8.1f} "
             f"{row['backward_ms']:8.1f} {row['ce']:7.3f} {row['dropped']:8.1%}"
         )
     print(f"SMILE / Switch throughput: {speedup:.2f}x  (wall {wall:.0f} s)")

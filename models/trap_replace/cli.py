@@ -21,9 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", default=None, help="YAML/TOML/JSON config (defaults: the paper's CIFAR-10)"
     )
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. poison.attack=blend")
-    # Overrides may follow options (--stage 2 poison.attack=blend); plain parse_args cannot place
-    # positionals that come after an option, so this parser parses intermixed arguments.
-    parser.parse_args = parser.parse_intermixed_args
 
 
 def main(args: argparse.Namespace) -> int:

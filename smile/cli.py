@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help); each module provides add_arguments(parser) and main(args).
@@ -28,10 +29,17 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; bad input ends with one clear line (``SMILE_DEBUG=1`` for the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
-    return importlib.import_module(COMMANDS[args.command][0]).main(args)
+    parser = build_parser(chosen if chosen in COMMANDS else None)
+    args = parser.parse_args(argv)
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).main(args)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("SMILE_DEBUG") == "1":
+            raise
+        parser.exit(2, f"smile {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

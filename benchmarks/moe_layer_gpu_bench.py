@@ -110,18 +110,24 @@ def dense_ceiling(device: str, dtype: torch.dtype) -> float:
 
 def bench_shape(shape, device: str, dtype: torch.dtype, cf: float) -> dict:
     tokens, d, ff, experts, k = shape
-    torch.manual_seed(0)
-    router = "topk" if k > 1 else "switch"
-    layer = MoELayer(
-        d,
-        ff,
-        experts,
-        router=router,
-        k=k,
-        capacity_factor=None,
-        aux_loss_weight=0.0,
-        check_finite=False,
-    ).to(device, dtype)
+
+    def build(gemm: str) -> MoELayer:
+        """Dropless layer, same weights for every GEMM strategy (same seed)."""
+        torch.manual_seed(0)
+        router = "topk" if k > 1 else "switch"
+        return MoELayer(
+            d,
+            ff,
+            experts,
+            router=router,
+            k=k,
+            capacity_factor=None,
+            aux_loss_weight=0.0,
+            check_finite=False,
+            gemm=gemm,
+        ).to(device, dtype)
+
+    layer = build("auto")
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(tokens, d, device=device, dtype=dtype)
     flops = 12 * tokens * k * d * ff
@@ -137,18 +143,7 @@ def bench_shape(shape, device: str, dtype: torch.dtype, cf: float) -> dict:
         ref = torch_loop(layer, x).float()
         got = layer(x)[0].float()
     row["rel_err_vs_loop"] = float((got - ref).norm() / ref.norm())
-    torch.manual_seed(0)
-    padded = MoELayer(
-        d,
-        ff,
-        experts,
-        router=router,
-        k=k,
-        capacity_factor=None,
-        aux_loss_weight=0.0,
-        check_finite=False,
-        gemm="bmm",
-    ).to(device, dtype)
+    padded = build("bmm")
     variants = {
         "torch_loop": fwd_bwd(lambda t: torch_loop(layer, t), x, grad),
         "smile": fwd_bwd(lambda t: layer(t)[0], x, grad),

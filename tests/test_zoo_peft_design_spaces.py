@@ -462,17 +462,14 @@ def test_bundled_configs_load_and_job_validation():
 
 # ---- through smile.runtime on simulated clusters -----------------------------------------------------------
 def _cli(argv: list[str]) -> str:
-    import argparse
     import contextlib
     import io
 
-    from smile.models.peft_design_spaces import cli
+    from smile.cli import main as smile_main
 
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        assert cli.main(parser.parse_args(argv)) == 0
+        assert smile_main(["zoo", "peft_design_spaces", *argv]) == 0
     return buffer.getvalue()
 
 

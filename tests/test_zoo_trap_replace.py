@@ -4,7 +4,6 @@ through the shared runtime (both stages, resume, the CLI)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -437,13 +436,11 @@ def _drop_last_checkpoint(run: Path) -> None:
 
 
 def digits_defense_job(topo, tmp: str, config: str) -> dict:
-    from smile.models.trap_replace import cli, stages
-
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
+    from smile.cli import main as smile_main
+    from smile.models.trap_replace import stages
 
     def run(*argv: str) -> None:
-        assert cli.main(parser.parse_args(["--config", config, *argv])) == 0
+        assert smile_main(["zoo", "trap_replace", "--config", config, *argv]) == 0
 
     root = Path(tmp)
     out: dict = {}

@@ -168,24 +168,32 @@ def test_init_from_a_switch_checkpoint(cache_dir, tmp_path):
 
 
 def parity_worker(topology, jobs: list[dict]) -> list[dict]:
-    """Both jobs on the same ranks, one after the other (one process start for both)."""
+    """The jobs on the same ranks, one after the other (one process start for all)."""
     return [train_worker(topology, job) for job in jobs]
 
 
 @pytest.mark.slow
 def test_smile_converges_like_switch_on_2x2(cache_dir, tmp_path):
-    """Same model size, data, seed, steps and capacity factor; only the routing differs."""
+    """Same model size, data, seed, steps and capacity factor; only the routing differs.
+
+    A third run sends SMILE's dispatch payload in fp8 and must end within 2% of full precision.
+    """
     steps = 40
+    variants = {
+        "switch": ["moe.router=switch"],
+        "smile": ["moe.router=bilevel"],
+        "smile_fp8": ["moe.router=bilevel", "moe.dispatch_payload=fp8", "moe.combine_payload=bf16"],
+    }
     jobs = [
         config_to_dict(
             load_job(
                 None,
                 small(
                     cache_dir,
-                    f"moe.router={router}",
+                    *options,
                     "moe.capacity_factor=1.0",
                     f"train.max_steps={steps}",
-                    f"train.run_dir={tmp_path / router}",
+                    f"train.run_dir={tmp_path / name}",
                     "train.checkpoint.every=0",
                     "train.checkpoint.save_final=false",
                     "train.log.every=5",
@@ -193,16 +201,18 @@ def test_smile_converges_like_switch_on_2x2(cache_dir, tmp_path):
                 ),
             )
         )
-        for router in ("switch", "bilevel")
+        for name, options in variants.items()
     ]
-    switch, smile = run_distributed(parity_worker, 2, 2, jobs, timeout=900)[0]
+    switch, smile, smile_fp8 = run_distributed(parity_worker, 2, 2, jobs, timeout=900)[0]
     start = switch["losses"][0]
     assert abs(smile["losses"][0] - start) / start < 0.02  # same initial model quality
     # Task loss, mean of the last 5 steps over all ranks (the aux losses differ by router).
     end_switch, end_smile = switch["train_metrics"]["ce"], smile["train_metrics"]["ce"]
     assert end_switch < 0.85 * start and end_smile < 0.85 * start
     assert abs(end_smile - end_switch) / end_switch <= 0.05, (end_switch, end_smile)
-    assert switch["step"] == smile["step"] == steps
+    end_fp8 = smile_fp8["train_metrics"]["ce"]
+    assert abs(end_fp8 - end_smile) / end_smile <= 0.02, (end_smile, end_fp8)
+    assert switch["step"] == smile["step"] == smile_fp8["step"] == steps
 
 
 def _children(pid: int) -> list[int]:

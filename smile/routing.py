@@ -164,6 +164,8 @@ class SwitchRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, **options) -> None:
         options.setdefault("k", 1)
+        if type(self) is SwitchRouter and options["k"] != 1:
+            raise ValueError(f"router 'switch' is top-1, got k={options['k']}; use router 'topk' for k > 1")
         super().__init__(d_model, num_experts, **options)
         self.proj = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.proj.weight, std=d_model**-0.5)

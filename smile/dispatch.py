@@ -16,6 +16,7 @@ backends implement the same functions and are checked against these on random in
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Protocol
 
@@ -100,7 +101,9 @@ class TorchBackend:
 _TORCH = TorchBackend()
 
 
+@functools.cache
 def _load_backend(name: str) -> DispatchBackend | None:
+    """The backend, or None (logged once: the answer is cached, the layer asks every step)."""
     if name == "torch":
         return _TORCH
     try:
@@ -113,7 +116,7 @@ def _load_backend(name: str) -> DispatchBackend | None:
 
             return CudaBackend()
     except (ImportError, RuntimeError, OSError) as err:
-        log.info("smile dispatch: %s backend unavailable (%s); falling back", name, err)
+        log.warning("smile dispatch: %s backend unavailable (%s); falling back", name, err)
     return None
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from smile.comm import FlatDispatcher, HierarchicalDispatcher
-from smile.sim.cluster import describe_environment, run_ranks, under_torchrun
+from smile.sim.cluster import report_layout, run_ranks
 
 KINDS = ("flat", "hierarchical")
 DEFAULT_SIZES = "16K,64K,256K,1M,4M,16M,64M"
@@ -159,16 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     if per_rank is None:  # not rank 0 of a torchrun job
         return 0
     world = len(per_rank)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", args.gpus_per_node))
-    backend = "nccl" if under_torchrun() and torch.cuda.is_available() else "gloo"
+    layout, env = report_layout(world, args.gpus_per_node, load_start)
+    backend = env["backend"]
     report = {
         "benchmark": "all2all",
-        "config": {**cfg, "nodes": world // local, "gpus_per_node": local, "world": world},
-        "environment": {**describe_environment(backend), "layout": f"{world // local} nodes x {local} ranks"},
+        "config": {**cfg, **layout},
+        "environment": env,
         "results": per_rank[0]["table"],
     }
-    report["environment"]["loadavg_start"] = load_start
-    env = report["environment"]
     print(f"All2All per dispatch, {env['layout']}, {backend}; {env['network']}")
     print(f"{'bytes/rank':>12} {'flat ms':>10} {'hier ms':>10} {'hier/flat':>10} {'iters':>6}")
     for r in report["results"]:

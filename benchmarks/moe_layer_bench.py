@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from smile.layer import MoELayer
-from smile.sim.cluster import describe_environment, run_ranks, under_torchrun
+from smile.sim.cluster import report_layout, run_ranks
 
 VARIANTS = ("switch+flat", "switch+hierarchical", "smile", "deepspeed")
 LEVERS = ("smile+dropless", "smile+bf16", "smile+fp8")
@@ -198,14 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     if per_rank is None:  # not rank 0 of a torchrun job
         return 0
     world = len(per_rank)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", args.gpus_per_node))
-    backend = "nccl" if under_torchrun() and torch.cuda.is_available() else "gloo"
-    env = {**describe_environment(backend), "layout": f"{world // local} nodes x {local} ranks"}
-    env["loadavg_start"] = list(load_start)
+    layout, env = report_layout(world, args.gpus_per_node, load_start)
+    backend = env["backend"]
     rows = summarize(per_rank, cfg, world)
     report = {
         "benchmark": "moe_layer",
-        "config": {**cfg, "nodes": world // local, "gpus_per_node": local, "world": world},
+        "config": {**cfg, **layout},
         "environment": env,
         "results": rows,
         "ratios": ratios(rows),

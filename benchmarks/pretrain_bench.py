@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from smile.topology import under_torchrun
+
 VARIANTS = {"switch": ("switch", "flat"), "smile": ("bilevel", "hierarchical")}
 
 
@@ -102,11 +104,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    inside = under_torchrun()
     with tempfile.TemporaryDirectory(prefix="smile-pretrain-bench-") as root:
         jobs = _jobs(args, root)
         start = time.perf_counter()
-        if under_torchrun:
+        if inside:
             from smile.pretrain.config import job_from_dict
             from smile.runtime import init_distributed
 
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = run_distributed(bench_worker, nodes, gpus, jobs, args.warmup, timeout=3600)[0]
             world = f"{args.nodes} nodes x {args.gpus_per_node} GPUs simulated on CPU/gloo"
         wall = time.perf_counter() - start
-    if under_torchrun and int(os.environ.get("RANK", "0")) != 0:
+    if inside and int(os.environ.get("RANK", "0")) != 0:
         return 0
     rows = summarise(runs)
     speedup = rows["smile"]["tokens_per_s"] / rows["switch"]["tokens_per_s"]

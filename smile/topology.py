@@ -19,6 +19,11 @@ from datetime import timedelta
 import torch.distributed as dist
 
 
+def under_torchrun() -> bool:
+    """True in a worker that torchrun (or smile's own launcher) started."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 @dataclass(frozen=True)
 class Topology:
     """An ``nodes x gpus_per_node`` cluster seen from one rank."""

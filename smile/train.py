@@ -43,7 +43,8 @@ def _planned_topology(job, world: int) -> Topology:
 def main(args: argparse.Namespace) -> int:
     from smile.pretrain.config import load_job
     from smile.pretrain.job import preflight, run
-    from smile.pretrain.launch import launch, under_torchrun
+    from smile.pretrain.launch import launch
+    from smile.topology import under_torchrun
 
     overrides = list(args.overrides)
     if args.sim_nodes is not None:

@@ -14,11 +14,6 @@ import sys
 import torch
 
 
-def under_torchrun() -> bool:
-    """True inside a worker that torchrun (or this launcher) started."""
-    return "TORCHELASTIC_RUN_ID" in os.environ
-
-
 def launch(nproc: int, worker_argv: list[str], max_restarts: int = 0) -> int:
     """Run ``smile train <worker_argv>`` on ``nproc`` local workers; returns an exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

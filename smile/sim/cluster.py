@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TextIO
 
+from smile.topology import under_torchrun
+
 IFACE = "smilenet"  # the node's uplink inside every namespace (GLOO_SOCKET_IFNAME)
 _NS_RE = re.compile(r"^smile-(\d+)-(\d+)$")
 
@@ -335,11 +337,6 @@ def raise_on_sigterm() -> None:
         signal.signal(sig, handler)
 
 
-def under_torchrun() -> bool:
-    """True in a process started by torchrun (a real cluster, or one node of an emulated one)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
-
-
 def run_ranks(
     fn: Callable[..., Any], nodes: int, gpus_per_node: int, *args: Any, timeout: float = 600.0
 ) -> list[Any] | None:
@@ -372,6 +369,20 @@ def run_ranks(
         return gathered if dist.get_rank() == 0 else None
     finally:
         dist.destroy_process_group()
+
+
+def report_layout(world: int, gpus_per_node: int, load_start: tuple[float, ...]) -> tuple[dict, dict]:
+    """The layout (nodes, gpus_per_node, world) and environment of a finished benchmark run."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", gpus_per_node))
+    backend = "nccl" if under_torchrun() and torch.cuda.is_available() else "gloo"
+    env = {
+        **describe_environment(backend),
+        "layout": f"{world // local} nodes x {local} ranks",
+        "loadavg_start": list(load_start),
+    }
+    return {"nodes": world // local, "gpus_per_node": local, "world": world}, env
 
 
 def describe_environment(backend: str) -> dict[str, Any]:

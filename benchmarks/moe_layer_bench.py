@@ -10,10 +10,18 @@ Optional SMILE levers (``--variants``), each changing one thing and named for it
   smile+dropless        capacity_factor=None: only real tokens travel, nothing is dropped
   smile+bf16            All2All payloads sent as bf16 (dispatch and combine; lossy)
   smile+fp8             dispatch payload fp8 e4m3 with a per-token scale, combine bf16 (lossy)
+  smile+pipelined       dropless, tokens in ``--chunks`` chunks whose All2Alls overlap each other
+                        and the expert compute (bit-identical to smile+dropless)
+  smile+pipelined+bf16  the same with bf16 payloads
+  smile+pipelined+fp8   the same with the fp8 dispatch / bf16 combine payloads
 
 Iterations are interleaved across variants so machine load hits all of them alike. A step ends
 when its slowest rank ends: each iteration's time is the maximum over ranks, and tokens/s is
 ``world * tokens / median``. Prints the SMILE / DeepSpeed and SMILE / Switch ratios.
+
+On an emulated cluster (``smile cluster``) each node's uplink byte counter is read around every
+step: the report gives the bytes each variant put on the busiest uplink per step and the
+link-bound time those bytes need at the shaped rate, i.e. how close a step comes to the link.
 
 Run like benchmarks/all2all_bench.py: simulated (``--nodes --gpus-per-node``), under
 ``smile cluster ... -- benchmarks/moe_layer_bench.py``, or under torchrun on GPUs.
@@ -27,16 +35,24 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from smile.layer import MoELayer
+from smile.layer import AUTO_CHUNKS, MoELayer
 from smile.sim.cluster import report_layout, run_ranks
 
 VARIANTS = ("switch+flat", "switch+hierarchical", "smile", "deepspeed")
-LEVERS = ("smile+dropless", "smile+bf16", "smile+fp8")
+LEVERS = (
+    "smile+dropless",
+    "smile+bf16",
+    "smile+fp8",
+    "smile+pipelined",
+    "smile+pipelined+bf16",
+    "smile+pipelined+fp8",
+)
 _SMILE = {"router": "bilevel", "dispatcher": "hierarchical"}
 _SMILE_VARIANTS: dict[str, dict] = {
     "switch+flat": {"router": "switch", "dispatcher": "flat"},
@@ -45,6 +61,19 @@ _SMILE_VARIANTS: dict[str, dict] = {
     "smile+dropless": {**_SMILE, "capacity_factor": None},
     "smile+bf16": {**_SMILE, "dispatch_payload": "bf16", "combine_payload": "bf16"},
     "smile+fp8": {**_SMILE, "dispatch_payload": "fp8", "combine_payload": "bf16"},
+    "smile+pipelined": {**_SMILE, "capacity_factor": None},
+    "smile+pipelined+bf16": {
+        **_SMILE,
+        "capacity_factor": None,
+        "dispatch_payload": "bf16",
+        "combine_payload": "bf16",
+    },
+    "smile+pipelined+fp8": {
+        **_SMILE,
+        "capacity_factor": None,
+        "dispatch_payload": "fp8",
+        "combine_payload": "bf16",
+    },
 }
 
 
@@ -88,22 +117,37 @@ def build_layer(name: str, topo, cfg: dict) -> nn.Module:
     if name not in _SMILE_VARIANTS:
         raise ValueError(f"variant {name!r} unknown; allowed: {', '.join(VARIANTS + LEVERS)}")
     options = {"capacity_factor": cfg["capacity_factor"], **_SMILE_VARIANTS[name]}
+    options["chunks"] = cfg["chunks"] if "+pipelined" in name else 1
     return MoELayer(
         cfg["d_model"], cfg["d_ff"], cfg["experts_per_rank"] * topo.ep_size, k=1, topology=topo, **options
     )
 
 
-def _step(layer: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+def _uplink_counter() -> Path | None:
+    """This node's uplink transmit counter on an emulated cluster (the namespace's one non-loopback link)."""
+    if not os.environ.get("SMILE_CLUSTER_RATE_MBIT"):
+        return None
+    links = sorted(p for p in Path("/sys/class/net").iterdir() if p.name != "lo")
+    return links[0] / "statistics" / "tx_bytes" if links else None
+
+
+def _step(layer: nn.Module, x: torch.Tensor, device: torch.device, uplink: Path | None) -> tuple[float, int]:
+    """(seconds of one fwd+bwd step, bytes this node's uplink sent during it; 0 without one)."""
     layer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dist.barrier()
+    sent = int(uplink.read_text()) if uplink else 0
     start = time.perf_counter()
     out, aux = layer(x)
     (out.float().square().mean() + aux).backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if uplink:
+        dist.barrier()  # every rank of the node has sent its part of the step
+        sent = int(uplink.read_text()) - sent
+    return seconds, sent
 
 
 def moe_layer_worker(topo, cfg: dict) -> dict:
@@ -116,13 +160,16 @@ def moe_layer_worker(topo, cfg: dict) -> dict:
     gen = torch.Generator().manual_seed(1000 + topo.rank)
     x = torch.randn(cfg["tokens"], cfg["d_model"], generator=gen).to(device).requires_grad_()
     samples: dict[str, list[float]] = {name: [] for name in layers}
+    uplink_bytes: dict[str, list[float]] = {name: [] for name in layers}
     dropped: dict[str, list[float]] = {name: [] for name in layers}
+    uplink = _uplink_counter()
     for i in range(cfg["warmup"] + cfg["iters"]):
         for name, layer in layers.items():
             x.grad = None
-            t = _step(layer, x, device)
+            t, sent = _step(layer, x, device, uplink)
             if i >= cfg["warmup"]:
                 samples[name].append(t)
+                uplink_bytes[name].append(sent)
                 stats = getattr(layer, "last_stats", None)
                 if stats is not None:
                     dropped[name].append(stats.dropped_fraction)
@@ -130,20 +177,27 @@ def moe_layer_worker(topo, cfg: dict) -> dict:
     for name, times in samples.items():
         slow = torch.tensor(times, dtype=torch.float64, device=device)
         dist.all_reduce(slow, op=dist.ReduceOp.MAX)
+        busiest = torch.tensor([statistics.median(uplink_bytes[name])], dtype=torch.float64, device=device)
+        dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
         result[name] = {
             "samples_s": slow.tolist(),
+            "uplink_bytes": float(busiest) if uplink else None,
             "dropped": statistics.mean(dropped[name]) if dropped[name] else None,
         }
     return result
 
 
-def summarize(per_rank: list[dict], cfg: dict, world: int) -> dict[str, dict]:
+def summarize(per_rank: list[dict], cfg: dict, world: int, rate_mbit: float | None) -> dict[str, dict]:
     rows = {}
     for name in cfg["variants"]:
         slow = per_rank[0][name]["samples_s"]  # already the max over ranks
         drops = [r[name]["dropped"] for r in per_rank if r[name]["dropped"] is not None]
         median = statistics.median(slow)
+        sent = per_rank[0][name]["uplink_bytes"]  # busiest node's uplink, median step
+        bound = 8 * sent / (rate_mbit * 1e6) if sent is not None and rate_mbit else None
         rows[name] = {
+            "uplink_mb": None if sent is None else sent / 1e6,
+            "link_bound_ms": None if bound is None else 1e3 * bound,
             "median_ms": 1e3 * median,
             "min_ms": 1e3 * min(slow),
             "max_ms": 1e3 * max(slow),
@@ -173,6 +227,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--d-ff", type=int, default=512)
     parser.add_argument("--experts-per-rank", type=int, default=1)
     parser.add_argument("--capacity-factor", type=float, default=1.0)
+    parser.add_argument(
+        "--chunks", type=int, default=AUTO_CHUNKS, help="pipeline depth of the smile+pipelined variants"
+    )
     parser.add_argument("--iters", type=int, default=8, help="timed iterations per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
@@ -187,7 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = {
         k: getattr(args, k)
-        for k in ("tokens", "d_model", "d_ff", "experts_per_rank", "capacity_factor", "iters", "warmup")
+        for k in (
+            "tokens",
+            "d_model",
+            "d_ff",
+            "experts_per_rank",
+            "capacity_factor",
+            "chunks",
+            "iters",
+            "warmup",
+        )
     }
     cfg["variants"] = [v.strip() for v in args.variants.split(",")]
     unknown = set(cfg["variants"]) - set(VARIANTS + LEVERS)
@@ -200,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     world = len(per_rank)
     layout, env = report_layout(world, args.gpus_per_node, load_start)
     backend = env["backend"]
-    rows = summarize(per_rank, cfg, world)
+    rate = os.environ.get("SMILE_CLUSTER_RATE_MBIT")
+    rows = summarize(per_rank, cfg, world, float(rate) if rate else None)
     report = {
         "benchmark": "moe_layer",
         "config": {**cfg, **layout},
@@ -211,15 +278,23 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"MoE layer fwd+bwd, {env['layout']} ({backend}), {cfg['tokens']} tokens/rank, "
         f"d_model {cfg['d_model']}, d_ff {cfg['d_ff']}, {cfg['experts_per_rank'] * world} experts, "
-        f"top-1, cf {cfg['capacity_factor']}; "
+        f"top-1, cf {cfg['capacity_factor']}, {cfg['chunks']} chunks when pipelined; "
         f"{env['network']}"
     )
-    print(f"{'variant':22} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'tokens/s':>10} {'dropped':>8}")
+    print(
+        f"{'variant':22} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'tokens/s':>10} {'dropped':>8} "
+        f"{'uplink MB':>10} {'link ms':>8} {'link/step':>9}"
+    )
     for name, r in rows.items():
         drop = "-" if r["dropped"] is None else f"{r['dropped']:.1%}"
+        link = (
+            f"{r['uplink_mb']:10.2f} {r['link_bound_ms']:8.1f} {r['link_bound_ms'] / r['median_ms']:9.0%}"
+            if r["link_bound_ms"] is not None
+            else f"{'-':>10} {'-':>8} {'-':>9}"
+        )
         print(
             f"{name:22} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['max_ms']:9.1f} "
-            f"{r['tokens_per_s']:10.0f} {drop:>8}"
+            f"{r['tokens_per_s']:10.0f} {drop:>8} {link}"
         )
     for label, value in report["ratios"].items():
         print(f"tokens/s ratio {label}: {value:.2f}x")

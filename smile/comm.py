@@ -13,7 +13,9 @@ their results are bit-identical; :meth:`combine` sends expert outputs back the r
 
 Row counts are exchanged before every hop (one small All2All of integers), in padded mode
 too: ranks may hold different token counts and hence different capacities, and a static
-exchange with mismatched sizes would corrupt or abort the collective.
+exchange with mismatched sizes would corrupt or abort the collective. :meth:`Dispatcher.plan`
+does this once for several chunks of a layer's tokens, for the pipelined layer
+(:mod:`smile.pipeline`), which drives the hops asynchronously through :meth:`Hop.start`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,44 @@ EXACT = ExactCodec()
 DISPATCHERS = ("flat", "hierarchical", "local")
 
 
+@dataclass
+class Transfer:
+    """An All2All in flight; :meth:`finish` waits for it, decodes and applies the regroup."""
+
+    wire: torch.Tensor
+    work: object | None  # torch.distributed Work, None when nothing travels
+    codec: PayloadCodec
+    dtype: torch.dtype
+    index: torch.Tensor | None = None
+    sent: torch.Tensor | None = None  # keeps the send buffer alive until the exchange ends
+
+    def done(self) -> bool:
+        return self.work is None or self.work.is_completed()
+
+    def finish(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        out = self.codec.decode(self.wire, self.dtype)
+        return out if self.index is None else out.index_select(0, self.index)
+
+
+def start_exchange(
+    x: torch.Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    group,
+    codec: PayloadCodec = EXACT,
+    index: torch.Tensor | None = None,
+) -> Transfer:
+    """Start ``all_to_all_single`` of ``x`` encoded by ``codec``; ``index`` regroups on arrival."""
+    if group is None or dist.get_world_size(group) == 1:
+        return Transfer(x.clone(), None, EXACT, x.dtype, index)
+    wire = codec.encode(x).contiguous()
+    out = wire.new_empty((sum(out_splits), *wire.shape[1:]))
+    work = dist.all_to_all_single(out, wire, out_splits, in_splits, group=group, async_op=True)
+    return Transfer(out, work, codec, x.dtype, index, wire)
+
+
 class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with variable splits; backward runs the reverse exchange.
 
@@ -42,27 +82,13 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group, codec, grad_codec):  # type: ignore[override]
         ctx.splits, ctx.group, ctx.grad_codec = (out_splits, in_splits), group, grad_codec
-        return _coded_exchange(x, out_splits, in_splits, group, codec)
+        return start_exchange(x, out_splits, in_splits, group, codec).finish()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         out_splits, in_splits = ctx.splits
-        grad = _coded_exchange(grad, in_splits, out_splits, ctx.group, ctx.grad_codec)
+        grad = start_exchange(grad, in_splits, out_splits, ctx.group, ctx.grad_codec).finish()
         return grad, None, None, None, None, None
-
-
-def _coded_exchange(x: torch.Tensor, out_splits, in_splits, group, codec) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
-        return x.clone()
-    return codec.decode(_exchange(codec.encode(x), out_splits, in_splits, group), x.dtype)
-
-
-def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
-        return x.clone()
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
 
 
 def all_to_all(
@@ -107,7 +133,7 @@ def _inverse(index: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Hop:
+class Hop:
     """One All2All hop and the regroup applied after it, remembered for the way back."""
 
     group: object
@@ -132,10 +158,34 @@ class _Hop:
                 y, self.send_splits, self.recv_splits, self.group, self.combine_codec, self.combine_codec
             )
 
+    def start(self, x: torch.Tensor, toward_experts: bool, codec: PayloadCodec) -> Transfer:
+        """Asynchronous, autograd-free :meth:`forward` (``toward_experts``) or :meth:`backward`."""
+        with record_function(f"smile.a2a.{self.label}"):
+            if toward_experts:
+                return start_exchange(x, self.recv_splits, self.send_splits, self.group, codec, self.index)
+            x = x.index_select(0, _inverse(self.index))
+            return start_exchange(x, self.send_splits, self.recv_splits, self.group, codec)
+
+
+@dataclass
+class Route:
+    """How one chunk of rows reaches this rank's experts.
+
+    ``sources[i, s]`` rows arrive for local expert i from source EP rank s; the experts' input
+    is grouped by local expert, then source rank, then the sender's order.
+    """
+
+    hops: list[Hop]
+    sources: torch.Tensor  # [num_local, ep_size]
+
+    @property
+    def expert_counts(self) -> list[int]:
+        return self.sources.sum(1).tolist()
+
 
 @dataclass
 class DispatchHandle:
-    hops: list[_Hop]
+    hops: list[Hop]
 
 
 class Dispatcher:
@@ -165,54 +215,65 @@ class Dispatcher:
         self, x: torch.Tensor, row_counts: torch.Tensor
     ) -> tuple[torch.Tensor, list[int], DispatchHandle]:
         """Return (expert input rows, rows per local expert, handle for :meth:`combine`)."""
-        hops, counts = self._plan_hops(row_counts)
-        for hop in hops:
+        (route,) = self.plan(row_counts.view(1, -1))
+        for hop in route.hops:
             x = hop.forward(x)
-        return x, counts.sum(dim=tuple(range(counts.dim() - 1))).tolist(), DispatchHandle(hops)
+        return x, route.expert_counts, DispatchHandle(route.hops)
 
     def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
         for hop in reversed(handle.hops):
             y = hop.backward(y)
         return y
 
-    def _plan_hops(self, row_counts: torch.Tensor) -> tuple[list[_Hop], torch.Tensor]:
+    def plan(self, row_counts: torch.Tensor) -> list[Route]:
+        """Routes for chunks whose permuted buffers hold ``row_counts[c, e]`` rows per expert.
+
+        Exchanges the counts of all chunks at once (one small All2All per hop).
+        """
         raise NotImplementedError
 
-    def _hop(self, label: str, group, send: list[int], recv: list[int], index: torch.Tensor) -> _Hop:
-        return _Hop(group, send, recv, index, label, self.dispatch_codec, self.combine_codec)
+    def _hop(self, label: str, group, send: list[int], recv: list[int], index: torch.Tensor) -> Hop:
+        return Hop(group, send, recv, index, label, self.dispatch_codec, self.combine_codec)
 
 
-def _sizes(counts: torch.Tensor) -> list[int]:
-    return counts.reshape(counts.shape[0], -1).sum(1).tolist()
+def _sizes(counts: torch.Tensor) -> list[list[int]]:
+    """Rows per peer of each chunk from counts shaped ``[peer, chunk, ...]``."""
+    return counts.reshape(counts.shape[0], counts.shape[1], -1).sum(2).t().tolist()
 
 
 class FlatDispatcher(Dispatcher):
     """One All2All over the whole EP group (Switch / GShard / DeepSpeed-MoE)."""
 
-    def _plan_hops(self, row_counts):
-        w = self.topology.ep_size
-        send = row_counts.view(w, self.num_local)
-        recv = exchange_counts(send, self.topology.group("ep"))  # [src rank, local expert]
-        hop = self._hop(
-            "flat", self.topology.group("ep"), _sizes(send), _sizes(recv), regroup_index(recv, (1, 0))
-        )
-        return [hop], recv
+    def plan(self, row_counts):
+        w, group = self.topology.ep_size, self.topology.group("ep")
+        send = row_counts.view(-1, w, self.num_local).transpose(0, 1)  # [dest rank, chunk, local expert]
+        recv = exchange_counts(send.contiguous(), group)  # [src rank, chunk, local expert]
+        routes = []
+        for c, (send_rows, recv_rows) in enumerate(zip(_sizes(send), _sizes(recv))):
+            index = regroup_index(recv[:, c], (1, 0))
+            routes.append(Route([self._hop("flat", group, send_rows, recv_rows, index)], recv[:, c].t()))
+        return routes
 
 
 class HierarchicalDispatcher(Dispatcher):
     """SMILE's two hops: inter-node (same local rank), then intra-node."""
 
-    def _plan_hops(self, row_counts):
+    def plan(self, row_counts):
         topo = self.topology
         n, g, e = topo.ep_nodes, topo.gpus_per_node, self.num_local
         inter, intra = topo.group("inter"), topo.group("intra")
-        send1 = row_counts.view(n, g, e)
-        recv1 = exchange_counts(send1, inter)  # [src node, dest gpu, local expert]
-        hop1 = self._hop("inter", inter, _sizes(send1), _sizes(recv1), regroup_index(recv1, (1, 0, 2)))
-        send2 = recv1.permute(1, 0, 2).contiguous()  # [dest gpu, src node, local expert]
-        recv2 = exchange_counts(send2, intra)  # [src gpu, src node, local expert]
-        hop2 = self._hop("intra", intra, _sizes(send2), _sizes(recv2), regroup_index(recv2, (2, 1, 0)))
-        return [hop1, hop2], recv2
+        send1 = row_counts.view(-1, n, g, e).transpose(0, 1)  # [dest node, chunk, dest gpu, local expert]
+        recv1 = exchange_counts(send1.contiguous(), inter)  # [src node, chunk, dest gpu, local expert]
+        send2 = recv1.permute(2, 1, 0, 3)  # [dest gpu, chunk, src node, local expert]
+        recv2 = exchange_counts(send2.contiguous(), intra)  # [src gpu, chunk, src node, local expert]
+        routes = []
+        sizes = zip(_sizes(send1), _sizes(recv1), _sizes(send2), _sizes(recv2))
+        for c, (send1_rows, recv1_rows, send2_rows, recv2_rows) in enumerate(sizes):
+            hop1 = self._hop("inter", inter, send1_rows, recv1_rows, regroup_index(recv1[:, c], (1, 0, 2)))
+            hop2 = self._hop("intra", intra, send2_rows, recv2_rows, regroup_index(recv2[:, c], (2, 1, 0)))
+            # Source EP rank = node * g + gpu: [local expert, src node, src gpu] -> [local expert, src rank].
+            routes.append(Route([hop1, hop2], recv2[:, c].permute(2, 1, 0).reshape(e, -1)))
+        return routes
 
 
 class LocalDispatcher(Dispatcher):
@@ -223,8 +284,8 @@ class LocalDispatcher(Dispatcher):
             raise ValueError(f"dispatcher 'local' needs an expert-parallel size of 1, got {topology.ep_size}")
         super().__init__(topology, num_experts, **payloads)
 
-    def _plan_hops(self, row_counts):
-        return [], row_counts.view(1, -1)
+    def plan(self, row_counts):
+        return [Route([], counts.view(-1, 1)) for counts in row_counts]
 
 
 def build_dispatcher(name: str, topology: Topology, num_experts: int, **payloads: str) -> Dispatcher:

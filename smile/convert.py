@@ -55,8 +55,9 @@ class MoESpec:
     aux_loss_weight, node_loss_weight, z_loss_weight, jitter_eps: router options (see MoELayer).
     activation: expert activation; "auto" follows the dense FFN it replaces.
     backend: dispatch kernels ("auto", "torch", "triton", "cuda"); gemm: expert GEMM ("auto",
-        "grouped_mm", "bmm").
+        "grouped_mm", "triton", "bmm").
     dispatch_payload ("exact", "bf16", "fp8") / combine_payload ("exact", "bf16"): All2All wire format.
+    chunks: pipeline depth of dropless layers, an integer >= 1 or "auto" (MoELayer's default).
     """
 
     num_experts: int = 8
@@ -73,9 +74,10 @@ class MoESpec:
     jitter_eps: float = 0.0
     activation: Literal["auto", "gelu", "relu", "swiglu", "geglu"] = "auto"
     backend: Literal["auto", "torch", "triton", "cuda"] = "auto"
-    gemm: Literal["auto", "grouped_mm", "bmm"] = "auto"
+    gemm: Literal["auto", "grouped_mm", "triton", "bmm"] = "auto"
     dispatch_payload: Literal["exact", "bf16", "fp8"] = "exact"
     combine_payload: Literal["exact", "bf16"] = "exact"
+    chunks: int | Literal["auto"] = "auto"
 
     def validate(self, where: str = "moe") -> None:
         def positive_int(name: str) -> None:
@@ -99,6 +101,13 @@ class MoESpec:
             raise ConvertError(f"{where}.jitter_eps must be in [0, 1), got {self.jitter_eps!r}")
         if self.activation not in ACTIVATIONS:
             raise ConvertError(f"{where}.activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
+        if self.chunks != "auto":
+            positive_int("chunks")
+            if self.chunks > 1 and self.resolved_capacity() is not None:
+                raise ConvertError(
+                    f"{where}.chunks={self.chunks} pipelines dropless layers only; "
+                    f"set {where}.capacity_factor to null or {where}.chunks to 1"
+                )
 
     def resolved_capacity(self) -> float | None:
         """The capacity factor the layers use ("auto" resolved as MoELayer does)."""
@@ -146,6 +155,7 @@ class MoESpec:
             gemm=self.gemm,
             dispatch_payload=self.dispatch_payload,
             combine_payload=self.combine_payload,
+            chunks=self.chunks,
             **options,
         )
 

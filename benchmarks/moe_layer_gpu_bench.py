@@ -149,6 +149,9 @@ def bench_shape(shape, device: str, dtype: torch.dtype, cf: float) -> dict:
         "smile": fwd_bwd(lambda t: layer(t)[0], x, grad),
         "smile_bmm": fwd_bwd(lambda t: padded(t)[0], x, grad),
     }
+    if device == "cuda":
+        triton_layer = build("triton")
+        variants["smile_triton"] = fwd_bwd(lambda t: triton_layer(t)[0], x, grad)
     try:
         ds = deepspeed_layer(d, ff, experts, k, cf)
     except Exception as err:  # noqa: BLE001 - report and go on with the other layers

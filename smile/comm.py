@@ -20,6 +20,7 @@ does this once for several chunks of a layer's tokens, for the pipelined layer
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -178,9 +179,12 @@ class Route:
     hops: list[Hop]
     sources: torch.Tensor  # [num_local, ep_size]
 
-    @property
-    def expert_counts(self) -> list[int]:
-        return self.sources.sum(1).tolist()
+    @functools.cached_property
+    def expert_counts(self) -> list[int] | torch.Tensor:
+        """Rows per local expert: on the host when rows travel (their splits are on the host
+        anyway), else left on the device so a single-GPU layer never waits for them."""
+        counts = self.sources.sum(1)
+        return counts.tolist() if self.hops else counts
 
 
 @dataclass
@@ -213,7 +217,7 @@ class Dispatcher:
 
     def dispatch(
         self, x: torch.Tensor, row_counts: torch.Tensor
-    ) -> tuple[torch.Tensor, list[int], DispatchHandle]:
+    ) -> tuple[torch.Tensor, list[int] | torch.Tensor, DispatchHandle]:
         """Return (expert input rows, rows per local expert, handle for :meth:`combine`)."""
         (route,) = self.plan(row_counts.view(1, -1))
         for hop in route.hops:

@@ -57,7 +57,7 @@ class MoESpec:
     backend: dispatch kernels ("auto", "torch", "triton", "cuda"); gemm: expert GEMM ("auto",
         "grouped_mm", "triton", "bmm").
     dispatch_payload ("exact", "bf16", "fp8") / combine_payload ("exact", "bf16"): All2All wire format.
-    chunks: pipeline depth of dropless layers, an integer >= 1 or "auto" (MoELayer's default).
+    chunks: pipeline depth, an integer >= 1 or "auto" (MoELayer's default).
     """
 
     num_experts: int = 8
@@ -103,11 +103,6 @@ class MoESpec:
             raise ConvertError(f"{where}.activation={self.activation!r}; allowed: {', '.join(ACTIVATIONS)}")
         if self.chunks != "auto":
             positive_int("chunks")
-            if self.chunks > 1 and self.resolved_capacity() is not None:
-                raise ConvertError(
-                    f"{where}.chunks={self.chunks} pipelines dropless layers only; "
-                    f"set {where}.capacity_factor to null or {where}.chunks to 1"
-                )
 
     def resolved_capacity(self) -> float | None:
         """The capacity factor the layers use ("auto" resolved as MoELayer does)."""

@@ -15,10 +15,10 @@ from torch import nn
 from torch.profiler import record_function
 
 from smile.comm import build_dispatcher
-from smile.dispatch import DispatchBackend, get_backend, permute, unpermute_combine
+from smile.dispatch import get_backend, permute, unpermute_combine
 from smile.experts import ExpertFFN
 from smile.pipeline import pipelined_experts
-from smile.routing import RoutingPlan, build_router
+from smile.routing import build_router
 from smile.topology import Topology
 
 AUTO_CHUNKS = 4  # pipeline depth of chunks="auto" (see docs/benchmarks.md)
@@ -44,12 +44,14 @@ class MoELayer(nn.Module):
     """Mixture-of-Experts FFN over the expert-parallel domain of ``topology``.
 
     Each rank holds ``num_experts / ep_size`` experts. ``capacity_factor=None`` is dropless;
-    ``"auto"`` (the default) is dropless for SMILE's ``bilevel`` router (only real tokens travel)
-    and 1.0 for the others, as in Switch/GShard. ``dispatch_payload`` (exact, bf16, fp8) and
-    ``combine_payload`` (exact, bf16) set the All2All wire formats; exact by default.
-    ``chunks`` > 1 pipelines the layer (:mod:`smile.pipeline`): the tokens are split into that
-    many chunks whose All2Alls overlap each other and the expert compute, bit-identically;
-    dropless only. ``"auto"`` picks ``AUTO_CHUNKS`` for dropless expert parallelism, else 1.
+    ``"auto"`` (the default) is dropless for SMILE's ``bilevel`` router and 1.0 for the others,
+    as in Switch/GShard. A capacity only decides which copies are dropped: the All2Alls carry the
+    kept rows alone (their counts travel first), never capacity padding.
+    ``dispatch_payload`` (exact, bf16, fp8) and ``combine_payload`` (exact, bf16) set the
+    All2All wire formats; exact by default. ``chunks`` > 1 pipelines the layer
+    (:mod:`smile.pipeline`): the tokens are split into that many chunks whose All2Alls overlap
+    each other and the expert compute, bit-identically; ``"auto"`` picks ``AUTO_CHUNKS`` under
+    expert parallelism, 1 on a single rank.
     Expert weights are initialised from ``(seed drawn from torch's RNG, global expert id)``,
     so the same seed gives the same model on any topology. ``forward`` returns
     ``(output, aux_loss)``; add ``aux_loss`` to the task loss.
@@ -82,7 +84,7 @@ class MoELayer(nn.Module):
         if router != "bilevel" and k is not None:
             router_options["k"] = k
         self.d_model, self.num_experts = d_model, num_experts
-        self.chunks = _resolve_chunks(chunks, capacity_factor, self.topology.ep_size)
+        self.chunks = _resolve_chunks(chunks, self.topology.ep_size)
         self.dispatcher = build_dispatcher(
             dispatcher,
             self.topology,
@@ -110,59 +112,39 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, self.d_model)
         plan = self.router(tokens)
         backend = get_backend(self.backend_name, tokens.device)
-        if self.chunks > 1:
-            out, counts = self._forward_chunked(tokens, plan, backend)
-            self.last_stats = LayerStats(counts.detach(), plan.keep, plan.losses)
-            return out.view(x.shape), plan.aux_loss
+        spans = _token_spans(tokens.shape[0], self.chunks)
         with record_function("smile.dispatch"):
-            dest, src, counts = backend.dispatch_index(
-                plan.expert_ids, plan.keep, self.num_experts, plan.capacity
-            )
-            rows = permute(tokens, src, dest, backend)
-            if plan.capacity is None:
-                row_counts = counts
-            else:
-                row_counts = torch.full_like(counts, plan.capacity)
-        expert_in, expert_counts, handle = self.dispatcher.dispatch(rows, row_counts)
-        expert_out = self.experts(expert_in, expert_counts)
-        back = self.dispatcher.combine(expert_out, handle)
-        with record_function("smile.combine"):
-            out = unpermute_combine(back, plan.gates.to(back.dtype), dest, src, backend)
-        self.last_stats = LayerStats(counts.detach(), plan.keep, plan.losses)
-        return out.view(x.shape), plan.aux_loss
-
-    def _forward_chunked(
-        self, tokens: torch.Tensor, plan: RoutingPlan, backend: DispatchBackend
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dropless layer over consecutive token chunks, pipelined; returns (output, counts)."""
-        spans = torch.arange(tokens.shape[0]).tensor_split(self.chunks)
-        slices = [slice(int(s[0]), int(s[-1]) + 1) if len(s) else slice(0, 0) for s in spans]
-        indices, rows = [], []
-        with record_function("smile.dispatch"):
-            for sl in slices:
-                dest, src, counts = backend.dispatch_index(
-                    plan.expert_ids[sl], plan.keep[sl], self.num_experts, None
-                )
-                indices.append((dest, src, counts))
-                rows.append(permute(tokens[sl], src, dest, backend))
-        counts = torch.stack([c for _, _, c in indices])
-        backs = self.experts(rows, counts, run=functools.partial(pipelined_experts, self.dispatcher))
+            # The keep mask enforces any capacity: only kept rows travel, nothing is padded.
+            indices = [
+                backend.dispatch_index(plan.expert_ids[span], plan.keep[span], self.num_experts, None)
+                for span in spans
+            ]
+            rows = [permute(tokens[span], src, dest, backend) for span, (dest, src, _) in zip(spans, indices)]
+        counts = torch.stack([c for _, _, c in indices])  # [chunk, expert]
+        if self.chunks == 1:
+            expert_in, expert_counts, handle = self.dispatcher.dispatch(rows[0], counts[0])
+            backs = [self.dispatcher.combine(self.experts(expert_in, expert_counts), handle)]
+        else:
+            backs = self.experts(rows, counts, run=functools.partial(pipelined_experts, self.dispatcher))
         with record_function("smile.combine"):
             outs = [
-                unpermute_combine(back, plan.gates[sl].to(back.dtype), dest, src, backend)
-                for back, sl, (dest, src, _) in zip(backs, slices, indices)
+                unpermute_combine(back, plan.gates[span].to(back.dtype), dest, src, backend)
+                for back, span, (dest, src, _) in zip(backs, spans, indices)
             ]
-        return torch.cat(outs), counts.sum(0)
+        self.last_stats = LayerStats(counts.sum(0).detach(), plan.keep, plan.losses)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.view(x.shape), plan.aux_loss
 
 
-def _resolve_chunks(chunks: int | str, capacity_factor: float | None, ep_size: int) -> int:
+def _token_spans(num_tokens: int, chunks: int) -> list[slice]:
+    """``chunks`` consecutive, near-equal token ranges (some empty when tokens are few)."""
+    bounds = [num_tokens * i // chunks for i in range(chunks + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _resolve_chunks(chunks: int | str, ep_size: int) -> int:
     if chunks == "auto":
-        return AUTO_CHUNKS if capacity_factor is None and ep_size > 1 else 1
+        return AUTO_CHUNKS if ep_size > 1 else 1
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise ValueError(f"chunks must be 'auto' or an integer >= 1, got {chunks!r}")
-    if chunks > 1 and capacity_factor is not None:
-        raise ValueError(
-            f"chunks={chunks} pipelines dropless layers only; set capacity_factor=None "
-            f"(got {capacity_factor}) or chunks=1"
-        )
     return chunks

@@ -140,7 +140,7 @@ def pipelined_experts(
 ) -> list[torch.Tensor]:
     """Expert outputs, back in each chunk's permuted layout, for chunk buffers ``rows``.
 
-    ``row_counts[c, e]``: rows of chunk c for global expert e (dropless: real rows only).
+    ``row_counts[c, e]``: rows of chunk c for global expert e (kept copies only, no padding).
     Call it as ``experts(rows, row_counts, run=functools.partial(pipelined_experts, dispatcher))``
     so the expert module's hooks fire.
     """

@@ -123,8 +123,6 @@ def test_moefy_errors_name_the_problem():
         moefy(tiny_t5(), MoESpec(capacity_factor=0.0))
     with pytest.raises(ConvertError, match="activation .relu. has no smile expert equivalent"):
         moefy(tiny_t5(proj="gated-relu"), MoESpec())
-    with pytest.raises(ConvertError, match="moe.chunks=2 pipelines dropless layers only"):
-        moefy(tiny_t5(), MoESpec(router="switch", chunks=2))
     with pytest.raises(ConvertError, match="moe.chunks must be an integer >= 1, got 0"):
         moefy(tiny_t5(), MoESpec(chunks=0))
 

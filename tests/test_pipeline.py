@@ -13,17 +13,18 @@ from tests.moe_reference import dense_forward_backward, layer_forward_backward
 
 D_MODEL, D_FF = 8, 16
 
-# (router, dispatcher, router options, dispatch payload, combine payload)
+# (router, dispatcher, capacity factor, router options, dispatch payload, combine payload)
 CASES = [
-    ("bilevel", "hierarchical", {}, "exact", "exact"),
-    ("bilevel", "flat", {}, "exact", "exact"),
-    ("topk", "hierarchical", {"k": 2}, "exact", "exact"),
-    ("switch", "flat", {}, "exact", "exact"),
-    ("bilevel", "hierarchical", {}, "fp8", "bf16"),
+    ("bilevel", "hierarchical", None, {}, "exact", "exact"),
+    ("bilevel", "flat", None, {}, "exact", "exact"),
+    ("topk", "hierarchical", None, {"k": 2}, "exact", "exact"),
+    ("switch", "flat", 1.0, {}, "exact", "exact"),
+    ("topk", "hierarchical", 0.5, {"k": 2}, "exact", "exact"),
+    ("bilevel", "hierarchical", None, {}, "fp8", "bf16"),
 ]
 
 
-def _layer(topo, router, dispatcher, options, dispatch_payload, combine_payload, chunks):
+def _layer(topo, router, dispatcher, capacity_factor, options, dispatch_payload, combine_payload, chunks):
     torch.manual_seed(77)
     return MoELayer(
         D_MODEL,
@@ -31,7 +32,7 @@ def _layer(topo, router, dispatcher, options, dispatch_payload, combine_payload,
         2 * topo.ep_size,
         router=router,
         dispatcher=dispatcher,
-        capacity_factor=None,
+        capacity_factor=capacity_factor,
         topology=topo,
         dispatch_payload=dispatch_payload,
         combine_payload=combine_payload,
@@ -43,14 +44,14 @@ def _layer(topo, router, dispatcher, options, dispatch_payload, combine_payload,
 def chunked_worker(topo, tokens: int, chunk_counts: tuple[int, ...]) -> dict:
     gen = torch.Generator().manual_seed(500 + topo.rank)
     x, upstream = torch.randn(tokens, D_MODEL, generator=gen), torch.randn(tokens, D_MODEL, generator=gen)
-    report: dict = {"identical": {}, "dense_error": {}}
-    for router, dispatcher, options, dispatch_payload, combine_payload in CASES:
-        name = f"{router}+{dispatcher} {dispatch_payload}/{combine_payload}"
-        base = layer_forward_backward(
-            _layer(topo, router, dispatcher, options, dispatch_payload, combine_payload, 1), x, upstream
-        )
+    report: dict = {"identical": {}, "dense_error": {}, "dropped": {}}
+    for case in CASES:
+        router, dispatcher, cf, _, dispatch_payload, combine_payload = case
+        name = f"{router}+{dispatcher} cf={cf} {dispatch_payload}/{combine_payload}"
+        base = layer_forward_backward(_layer(topo, *case, 1), x, upstream)
+        report["dropped"][name] = float(base["dropped"])
         for chunks in chunk_counts:
-            layer = _layer(topo, router, dispatcher, options, dispatch_payload, combine_payload, chunks)
+            layer = _layer(topo, *case, chunks)
             assert layer.chunks == chunks
             got = layer_forward_backward(layer, x, upstream)
             report["identical"][f"{name} chunks={chunks}"] = {k: torch.equal(got[k], base[k]) for k in base}
@@ -67,9 +68,12 @@ def chunked_worker(topo, tokens: int, chunk_counts: tuple[int, ...]) -> dict:
 def test_chunked_layer_is_bit_identical_to_unchunked(nodes, gpus, tokens, chunk_counts):
     """Outputs and every gradient (input, router, expert weights) equal the unchunked layer's.
 
-    Five tokens in eight chunks leaves chunks empty on every rank.
+    Five tokens in eight chunks leaves chunks empty on every rank; capacity factors below the
+    load drop copies, and chunking keeps exactly the same ones.
     """
-    for rank, report in enumerate(run_distributed(chunked_worker, nodes, gpus, tokens, chunk_counts)):
+    reports = run_distributed(chunked_worker, nodes, gpus, tokens, chunk_counts)
+    assert any(r["dropped"]["topk+hierarchical cf=0.5 exact/exact"] > 0 for r in reports)
+    for rank, report in enumerate(reports):
         for case, identical in report["identical"].items():
             assert all(identical.values()), f"rank {rank} {case}: differs in {identical}"
         for case, error in report["dense_error"].items():
@@ -86,16 +90,13 @@ def test_chunked_single_process_matches_unchunked():
 
 def _layer_local(chunks: int) -> MoELayer:
     torch.manual_seed(5)
-    return MoELayer(D_MODEL, D_FF, 4, router="topk", k=2, capacity_factor=None, chunks=chunks)
+    return MoELayer(D_MODEL, D_FF, 4, router="topk", k=2, capacity_factor=0.75, chunks=chunks)
 
 
 def test_chunks_option_is_checked():
-    with pytest.raises(ValueError, match="capacity_factor=None"):
-        MoELayer(D_MODEL, D_FF, 4, router="switch", capacity_factor=1.0, chunks=2)
     for bad in (0, -1, "many", 1.5):
         with pytest.raises(ValueError, match="chunks must be 'auto' or an integer >= 1"):
             MoELayer(D_MODEL, D_FF, 4, chunks=bad)
-    assert MoELayer(D_MODEL, D_FF, 4, router="switch").chunks == 1  # padded: never chunked
     assert MoELayer(D_MODEL, D_FF, 4, router="bilevel").chunks == 1  # nothing to overlap on one rank
 
 

@@ -3,17 +3,17 @@
 Variants (same d_model, d_ff, experts, tokens, top-1, capacity factor, fp32, one run):
   switch+flat           smile.MoELayer(router="switch", dispatcher="flat")        (Switch baseline)
   switch+hierarchical   smile.MoELayer(router="switch", dispatcher="hierarchical")
-  smile                 smile.MoELayer(router="bilevel", dispatcher="hierarchical")
+  smile                 smile.MoELayer(router="bilevel", dispatcher="hierarchical") (the paper's pairing)
   deepspeed             deepspeed.moe.layer.MoE(ep_size=world, k=1), its own gate and All2All;
                         set_deepspeed_parallelism() is called directly (no deepspeed.initialize)
-Optional SMILE levers (``--variants``), each changing one thing and named for it:
-  smile+dropless        capacity_factor=None: only real tokens travel, nothing is dropped
-  smile+bf16            All2All payloads sent as bf16 (dispatch and combine; lossy)
-  smile+fp8             dispatch payload fp8 e4m3 with a per-token scale, combine bf16 (lossy)
-  smile+pipelined       dropless, tokens in ``--chunks`` chunks whose All2Alls overlap each other
-                        and the expert compute (bit-identical to smile+dropless)
-  smile+pipelined+bf16  the same with bf16 payloads
-  smile+pipelined+fp8   the same with the fp8 dispatch / bf16 combine payloads
+SMILE's levers compose: ``smile+<lever>+<lever>...`` (``--variants``), each changing one thing:
+  dropless              capacity_factor=None: nothing is dropped
+  flat                  bilevel routing over the one-hop flat All2All instead of the two hops
+  pipelined             tokens in ``--chunks`` chunks whose All2Alls overlap each other and the
+                        expert compute (bit-identical results)
+  bf16                  All2All payloads sent as bf16 (dispatch and combine; lossy)
+  fp8                   dispatch payload fp8 e4m3 with a per-token scale, combine bf16 (lossy)
+Every smile layer sends only kept rows (never capacity padding) and exchanges counts first.
 
 Iterations are interleaved across variants so machine load hits all of them alike. A step ends
 when its slowest rank ends: each iteration's time is the maximum over ranks, and tokens/s is
@@ -45,36 +45,38 @@ from smile.layer import AUTO_CHUNKS, MoELayer
 from smile.sim.cluster import report_layout, run_ranks
 
 VARIANTS = ("switch+flat", "switch+hierarchical", "smile", "deepspeed")
-LEVERS = (
-    "smile+dropless",
-    "smile+bf16",
-    "smile+fp8",
-    "smile+pipelined",
-    "smile+pipelined+bf16",
-    "smile+pipelined+fp8",
-)
-_SMILE = {"router": "bilevel", "dispatcher": "hierarchical"}
-_SMILE_VARIANTS: dict[str, dict] = {
+LEVERS: dict[str, dict] = {
+    "dropless": {"capacity_factor": None},
+    "flat": {"dispatcher": "flat"},
+    "pipelined": {},  # chunks: set from --chunks
+    "bf16": {"dispatch_payload": "bf16", "combine_payload": "bf16"},
+    "fp8": {"dispatch_payload": "fp8", "combine_payload": "bf16"},
+}
+_BASES: dict[str, dict] = {
     "switch+flat": {"router": "switch", "dispatcher": "flat"},
     "switch+hierarchical": {"router": "switch", "dispatcher": "hierarchical"},
-    "smile": _SMILE,
-    "smile+dropless": {**_SMILE, "capacity_factor": None},
-    "smile+bf16": {**_SMILE, "dispatch_payload": "bf16", "combine_payload": "bf16"},
-    "smile+fp8": {**_SMILE, "dispatch_payload": "fp8", "combine_payload": "bf16"},
-    "smile+pipelined": {**_SMILE, "capacity_factor": None},
-    "smile+pipelined+bf16": {
-        **_SMILE,
-        "capacity_factor": None,
-        "dispatch_payload": "bf16",
-        "combine_payload": "bf16",
-    },
-    "smile+pipelined+fp8": {
-        **_SMILE,
-        "capacity_factor": None,
-        "dispatch_payload": "fp8",
-        "combine_payload": "bf16",
-    },
+    "smile": {"router": "bilevel", "dispatcher": "hierarchical"},
 }
+
+
+def layer_options(name: str, cfg: dict) -> dict:
+    """MoELayer options of a variant name: a base, or ``smile`` followed by ``+lever`` parts."""
+    if name in _BASES:
+        return {"capacity_factor": cfg["capacity_factor"], "chunks": 1, **_BASES[name]}
+    base, *levers = name.split("+")
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    repeated = len(set(levers)) != len(levers)
+    if base != "smile" or not levers or unknown or repeated or {"bf16", "fp8"} <= set(levers):
+        raise ValueError(
+            f"variant {name!r} unknown; allowed: {', '.join(VARIANTS)}, or smile+<lever>... with distinct "
+            f"levers from {', '.join(LEVERS)} (bf16 or fp8, not both)"
+        )
+    options = layer_options("smile", cfg)
+    for lever in levers:
+        options.update(LEVERS[lever])
+    if "pipelined" in levers:
+        options["chunks"] = cfg["chunks"]
+    return options
 
 
 def _device() -> torch.device:
@@ -114,10 +116,7 @@ class _DeepSpeedAdapter(nn.Module):
 def build_layer(name: str, topo, cfg: dict) -> nn.Module:
     if name == "deepspeed":
         return _DeepSpeedAdapter(topo, cfg)
-    if name not in _SMILE_VARIANTS:
-        raise ValueError(f"variant {name!r} unknown; allowed: {', '.join(VARIANTS + LEVERS)}")
-    options = {"capacity_factor": cfg["capacity_factor"], **_SMILE_VARIANTS[name]}
-    options["chunks"] = cfg["chunks"] if "+pipelined" in name else 1
+    options = layer_options(name, cfg)
     return MoELayer(
         cfg["d_model"], cfg["d_ff"], cfg["experts_per_rank"] * topo.ep_size, k=1, topology=topo, **options
     )
@@ -209,12 +208,13 @@ def summarize(per_rank: list[dict], cfg: dict, world: int, rate_mbit: float | No
 
 
 def ratios(rows: dict[str, dict]) -> dict[str, float]:
-    out = {}
-    pairs = [("smile", "deepspeed"), ("smile", "switch+flat"), ("switch+flat", "deepspeed")]
-    for a, b in pairs + [(lever, "deepspeed") for lever in LEVERS]:
-        if a in rows and b in rows:
-            out[f"{a} / {b}"] = rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
-    return out
+    """Every variant against DeepSpeed-MoE, and SMILE against the Switch baseline."""
+    pairs = [(name, "deepspeed") for name in rows if name != "deepspeed"] + [("smile", "switch+flat")]
+    return {
+        f"{a} / {b}": rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
+        for a, b in pairs
+        if a in rows and b in rows
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,7 +233,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, default=8, help="timed iterations per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma separated from {', '.join(VARIANTS + LEVERS)}"
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma separated: {', '.join(VARIANTS)}, or smile+<lever>... with levers {', '.join(LEVERS)}",
     )
     parser.add_argument("--out", help="write the JSON report here")
 
@@ -256,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     }
     cfg["variants"] = [v.strip() for v in args.variants.split(",")]
-    unknown = set(cfg["variants"]) - set(VARIANTS + LEVERS)
-    if unknown:
-        parser.error(f"--variants: unknown {sorted(unknown)}; allowed: {', '.join(VARIANTS + LEVERS)}")
+    for name in cfg["variants"]:
+        if name != "deepspeed":
+            try:
+                layer_options(name, cfg)
+            except ValueError as err:
+                parser.error(f"--variants: {err}")
     load_start = os.getloadavg()
     per_rank = run_ranks(moe_layer_worker, args.nodes, args.gpus_per_node, cfg, timeout=3600)
     if per_rank is None:  # not rank 0 of a torchrun job

@@ -140,21 +140,27 @@ class Hop:
     group: object
     send_splits: list[int]
     recv_splits: list[int]
-    index: torch.Tensor
+    index: torch.Tensor | None  # regroup after arrival; None when the rows arrive in order
     label: str  # profiler region: smile.a2a.<label>
     dispatch_codec: PayloadCodec = EXACT
     combine_codec: PayloadCodec = EXACT
+
+    def __post_init__(self) -> None:
+        if torch.equal(self.index, torch.arange(self.index.numel(), device=self.index.device)):
+            self.index = None  # the blocks already arrive in order: no regroup copy
+        self.inverse = None if self.index is None else _inverse(self.index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with record_function(f"smile.a2a.{self.label}"):
             out = all_to_all(
                 x, self.recv_splits, self.send_splits, self.group, self.dispatch_codec, self.combine_codec
             )
-            return out.index_select(0, self.index)
+            return out if self.index is None else out.index_select(0, self.index)
 
     def backward(self, y: torch.Tensor) -> torch.Tensor:
         with record_function(f"smile.a2a.{self.label}"):
-            y = y.index_select(0, _inverse(self.index))
+            if self.inverse is not None:
+                y = y.index_select(0, self.inverse)
             return all_to_all(
                 y, self.send_splits, self.recv_splits, self.group, self.combine_codec, self.combine_codec
             )
@@ -164,7 +170,8 @@ class Hop:
         with record_function(f"smile.a2a.{self.label}"):
             if toward_experts:
                 return start_exchange(x, self.recv_splits, self.send_splits, self.group, codec, self.index)
-            x = x.index_select(0, _inverse(self.index))
+            if self.inverse is not None:
+                x = x.index_select(0, self.inverse)
             return start_exchange(x, self.send_splits, self.recv_splits, self.group, codec)
 
 

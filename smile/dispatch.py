@@ -81,6 +81,8 @@ class TorchBackend:
         if x.shape[0] == 0:  # a rank with no tokens still fills its padded buffer
             return x.new_zeros(src.numel(), x.shape[1])
         valid = src >= 0
+        if bool(valid.all()):  # no padding rows (the layer never pads)
+            return x.index_select(0, src)
         out = x.index_select(0, src.clamp(min=0))
         return out.masked_fill(~valid.unsqueeze(1), 0)  # true zeros, even next to inf/NaN rows
 
@@ -89,7 +91,8 @@ class TorchBackend:
             return y.new_zeros(dest.shape[0], y.shape[1])
         valid = dest >= 0
         rows = y.index_select(0, dest.clamp(min=0).reshape(-1)).view(*dest.shape, y.shape[1])
-        rows = rows.masked_fill(~valid.unsqueeze(-1), 0)
+        if not bool(valid.all()):  # dropped copies: true zeros, even next to inf/NaN rows
+            rows = rows.masked_fill(~valid.unsqueeze(-1), 0)
         acc = _accumulation_dtype(y.dtype)
         weight = valid.to(acc)
         if gates is not None:

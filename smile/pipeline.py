@@ -31,8 +31,13 @@ class Stage:
     channel: object | None = None
 
 
-def run_stages(stages: list[Stage], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+def run_stages(
+    stages: list[Stage], inputs: list[torch.Tensor], tail: Callable[[], None] | None = None
+) -> list[torch.Tensor]:
     """Move every chunk through ``stages``; at most one transfer per channel is in flight.
+
+    ``tail`` runs once every chunk is past its last compute stage, while the last transfers are
+    still on the wire.
 
     Every rank must issue a channel's collectives in the same order, so each channel follows a
     fixed order: stage s of chunk c at time c + s, earlier chunks first on ties. Dependencies
@@ -48,6 +53,7 @@ def run_stages(stages: list[Stage], inputs: list[torch.Tensor]) -> list[torch.Te
         if stages[s].channel is not None:
             queues.setdefault(id(stages[s].channel), []).append((c, s))
     in_flight: dict[int, tuple[int, Transfer]] = {}  # id(channel) -> (chunk, transfer)
+    last_compute = max((i for i, stage in enumerate(stages) if stage.channel is None), default=-1)
 
     def finish(key: int) -> None:
         chunk, transfer = in_flight.pop(key)
@@ -72,10 +78,15 @@ def run_stages(stages: list[Stage], inputs: list[torch.Tensor]) -> list[torch.Te
             values[chunk] = stages[step[chunk]].run(chunk, values[chunk])
             step[chunk] += 1
             moved = True
+        elif tail is not None and all(s > last_compute for s in step):
+            tail()
+            tail, moved = None, True
         if not moved:
             if not in_flight:
                 raise RuntimeError(f"pipeline stalled at stages {step}")
             finish(min(in_flight, key=lambda k: in_flight[k][0]))
+    if tail is not None:  # nothing followed the last compute stage
+        tail()
     return values  # type: ignore[return-value]
 
 
@@ -128,10 +139,15 @@ class _Pipelined(torch.autograd.Function):
         stages = [_hop_stages(routes, h, True, codec) for h in range(hops)]
         stages.append(Stage(compute))
         stages += [_hop_stages(routes, h, False, codec) for h in reversed(range(hops))]
-        grad_rows = run_stages(stages, [g.contiguous() for g in grads])
-        order, counts = _canonical_order(routes)
-        full = tuple(torch.cat(parts).index_select(0, order) for parts in zip(*weight_rows))
-        grad_w_in, grad_w_out = experts.weight_grads(full, counts)
+        weight_grads: list[torch.Tensor] = []
+
+        def take_weight_grads() -> None:
+            order, counts = _canonical_order(routes)
+            full = tuple(torch.cat(parts).index_select(0, order) for parts in zip(*weight_rows))
+            weight_grads.extend(experts.weight_grads(full, counts))
+
+        grad_rows = run_stages(stages, [g.contiguous() for g in grads], tail=take_weight_grads)
+        grad_w_in, grad_w_out = weight_grads
         return None, None, None, grad_w_in, grad_w_out, *grad_rows
 
 

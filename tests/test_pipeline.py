@@ -107,6 +107,12 @@ class _Channel:
         self.started: list[tuple[int, str]] = []
 
 
+def test_run_stages_runs_the_tail_without_transfers_after_compute():
+    ran = []
+    out = run_stages([Stage(lambda chunk, x: x + chunk)], [torch.zeros(1)] * 2, tail=lambda: ran.append(1))
+    assert ran == [1] and [float(t) for t in out] == [0.0, 1.0]
+
+
 def test_run_stages_orders_each_channel_and_applies_every_stage():
     inter, intra = _Channel(), _Channel()
 
@@ -124,7 +130,11 @@ def test_run_stages_orders_each_channel_and_applies_every_stage():
         hop(intra, "combine", 100.0),
         hop(inter, "combine", 1000.0),
     ]
-    out = run_stages(stages, [torch.full((2,), float(c)) for c in range(3)])
+    tail_saw: list[list[int]] = []
+    inputs = [torch.full((2,), float(c)) for c in range(3)]
+    out = run_stages(stages, inputs, tail=lambda: tail_saw.append(list(inter.started)))
+    # The tail ran after every compute stage, before the last chunk's final transfer.
+    assert len(tail_saw) == 1 and (2, "combine") not in tail_saw[0]
     assert [t.tolist() for t in out] == [[(c + 11) * 2 + 1100] * 2 for c in range(3)]
     # Stage s of chunk c is issued at time c + s (stages 0 and 4 for inter, 1 and 3 for intra),
     # earlier chunks first on ties.

@@ -317,7 +317,8 @@ def test_benchmarks_run_at_tiny_sizes(tmp_path):
     a2a_cfg = dict(sizes=[16 * 1024, 64 * 1024], hidden=16, dtype="float32", iters=2, min_iters=1, warmup=1)
     a2a_cfg["budget_s"] = 5.0
     moe_cfg = dict(tokens=32, d_model=16, d_ff=16, experts_per_rank=1, capacity_factor=1.0, iters=1, warmup=1)
-    moe_cfg["variants"] = list(moe_layer_bench.VARIANTS + moe_layer_bench.LEVERS)
+    levers = ["smile+dropless", "smile+pipelined+bf16", "smile+flat+pipelined+fp8"]
+    moe_cfg.update(chunks=2, variants=[*moe_layer_bench.VARIANTS, *levers])
     start = time.monotonic()
     per_rank = run_distributed(_bench_worker, 2, 2, a2a_cfg, moe_cfg, timeout=300)
     a2a, moe = [r[0] for r in per_rank], [r[1] for r in per_rank]
@@ -332,16 +333,31 @@ def test_benchmarks_run_at_tiny_sizes(tmp_path):
     all2all_bench.plot(report, str(tmp_path / "a2a.png"))
     assert (tmp_path / "a2a.png").stat().st_size > 0
     # moe layers: every variant ran, DeepSpeed-MoE and the SMILE levers included; ratios computed
-    rows = moe_layer_bench.summarize(moe, moe_cfg, world=4)
-    assert set(rows) == set(moe_layer_bench.VARIANTS + moe_layer_bench.LEVERS)
+    rows = moe_layer_bench.summarize(moe, moe_cfg, world=4, rate_mbit=None)
+    assert set(rows) == set(moe_cfg["variants"])
     assert rows["smile+dropless"]["dropped"] == 0
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["deepspeed"]["dropped"] is None and 0 <= rows["smile"]["dropped"] < 1
-    expected = {"smile / deepspeed", "smile / switch+flat", "switch+flat / deepspeed"}
-    assert set(moe_layer_bench.ratios(rows)) == expected | {
-        f"{v} / deepspeed" for v in moe_layer_bench.LEVERS
-    }
+    expected = {f"{v} / deepspeed" for v in moe_cfg["variants"] if v != "deepspeed"} | {"smile / switch+flat"}
+    assert set(moe_layer_bench.ratios(rows)) == expected
     assert time.monotonic() - start < 300
+
+
+def test_layer_variant_names_compose_levers():
+    cfg = {"capacity_factor": 1.0, "chunks": 3}
+    options = moe_layer_bench.layer_options("smile+flat+pipelined+fp8", cfg)
+    assert options == {
+        "router": "bilevel",
+        "dispatcher": "flat",
+        "capacity_factor": 1.0,
+        "chunks": 3,
+        "dispatch_payload": "fp8",
+        "combine_payload": "bf16",
+    }
+    assert moe_layer_bench.layer_options("switch+flat", cfg)["chunks"] == 1
+    for bad in ("smile+warp", "smile+bf16+fp8", "smile+flat+flat", "switch+pipelined", "smile+"):
+        with pytest.raises(ValueError, match="unknown; allowed"):
+            moe_layer_bench.layer_options(bad, cfg)
 
 
 def test_size_parsing():

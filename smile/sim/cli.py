@@ -120,6 +120,9 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rate-mbit", type=float, default=defaults.rate_mbit, help="per-node uplink rate (tc tbf)"
     )
+    parser.add_argument(
+        "--mtu", type=int, default=defaults.mtu, help="MTU of every emulated link (9000: jumbo frames)"
+    )
     parser.add_argument("--subnet", default=defaults.subnet, help="first three octets of the nodes' /24")
     parser.add_argument("--master-port", type=int, default=defaults.master_port)
     parser.add_argument(
@@ -161,6 +164,7 @@ def _cluster(args: argparse.Namespace) -> int:
             nodes=args.nodes,
             procs_per_node=args.procs_per_node,
             rate_mbit=args.rate_mbit,
+            mtu=args.mtu,
             subnet=args.subnet,
             master_port=args.master_port,
         )
@@ -168,7 +172,7 @@ def _cluster(args: argparse.Namespace) -> int:
         with EmulatedCluster(config) as cluster:
             print(
                 f"smile cluster: {config.nodes} namespaces x {config.procs_per_node} processes, "
-                f"{config.rate_mbit:g} Mbit/s tbf per node uplink, nodes at "
+                f"{config.rate_mbit:g} Mbit/s tbf per node uplink, MTU {config.mtu}, nodes at "
                 f"{cluster.address(0)}..{cluster.address(config.nodes - 1)}",
                 flush=True,
             )

@@ -22,6 +22,8 @@ when its slowest rank ends: each iteration's time is the maximum over ranks, and
 On an emulated cluster (``smile cluster``) each node's uplink byte counter is read around every
 step: the report gives the bytes each variant put on the busiest uplink per step and the
 link-bound time those bytes need at the shaped rate, i.e. how close a step comes to the link.
+Every report also gives the share of the whole machine's CPU time that was busy during the
+median step (``/proc/stat``): near 100%, the host's cores, not the link, bound the step.
 
 Run like benchmarks/all2all_bench.py: simulated (``--nodes --gpus-per-node``), under
 ``smile cluster ... -- benchmarks/moe_layer_bench.py``, or under torchrun on GPUs.
@@ -130,23 +132,39 @@ def _uplink_counter() -> Path | None:
     return links[0] / "statistics" / "tx_bytes" if links else None
 
 
-def _step(layer: nn.Module, x: torch.Tensor, device: torch.device, uplink: Path | None) -> tuple[float, int]:
-    """(seconds of one fwd+bwd step, bytes this node's uplink sent during it; 0 without one)."""
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine since boot, from /proc/stat ((0, 0) elsewhere)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _step(
+    layer: nn.Module, x: torch.Tensor, device: torch.device, uplink: Path | None
+) -> tuple[float, int, float]:
+    """(seconds of one fwd+bwd step, bytes this node's uplink sent during it (0 without one),
+    fraction of the machine's CPU time busy during it)."""
     layer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dist.barrier()
     sent = int(uplink.read_text()) if uplink else 0
+    busy, total = _cpu_ticks()
     start = time.perf_counter()
     out, aux = layer(x)
     (out.float().square().mean() + aux).backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    busy_after, total_after = _cpu_ticks()
+    cpu_busy = (busy_after - busy) / (total_after - total) if total_after > total else float("nan")
     if uplink:
         dist.barrier()  # every rank of the node has sent its part of the step
         sent = int(uplink.read_text()) - sent
-    return seconds, sent
+    return seconds, sent, cpu_busy
 
 
 def moe_layer_worker(topo, cfg: dict) -> dict:
@@ -160,15 +178,17 @@ def moe_layer_worker(topo, cfg: dict) -> dict:
     x = torch.randn(cfg["tokens"], cfg["d_model"], generator=gen).to(device).requires_grad_()
     samples: dict[str, list[float]] = {name: [] for name in layers}
     uplink_bytes: dict[str, list[float]] = {name: [] for name in layers}
+    cpu_busy: dict[str, list[float]] = {name: [] for name in layers}
     dropped: dict[str, list[float]] = {name: [] for name in layers}
     uplink = _uplink_counter()
     for i in range(cfg["warmup"] + cfg["iters"]):
         for name, layer in layers.items():
             x.grad = None
-            t, sent = _step(layer, x, device, uplink)
+            t, sent, busy = _step(layer, x, device, uplink)
             if i >= cfg["warmup"]:
                 samples[name].append(t)
                 uplink_bytes[name].append(sent)
+                cpu_busy[name].append(busy)
                 stats = getattr(layer, "last_stats", None)
                 if stats is not None:
                     dropped[name].append(stats.dropped_fraction)
@@ -181,6 +201,7 @@ def moe_layer_worker(topo, cfg: dict) -> dict:
         result[name] = {
             "samples_s": slow.tolist(),
             "uplink_bytes": float(busiest) if uplink else None,
+            "cpu_busy": statistics.median(cpu_busy[name]),
             "dropped": statistics.mean(dropped[name]) if dropped[name] else None,
         }
     return result
@@ -202,6 +223,7 @@ def summarize(per_rank: list[dict], cfg: dict, world: int, rate_mbit: float | No
             "max_ms": 1e3 * max(slow),
             "tokens_per_s": world * cfg["tokens"] / median,
             "dropped": statistics.mean(drops) if drops else None,
+            "cpu_busy": per_rank[0][name]["cpu_busy"],
             "samples_s": slow,
         }
     return rows
@@ -288,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'variant':22} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'tokens/s':>10} {'dropped':>8} "
-        f"{'uplink MB':>10} {'link ms':>8} {'link/step':>9}"
+        f"{'uplink MB':>10} {'link ms':>8} {'link/step':>9} {'CPU busy':>8}"
     )
     for name, r in rows.items():
         drop = "-" if r["dropped"] is None else f"{r['dropped']:.1%}"
@@ -299,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{name:22} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['max_ms']:9.1f} "
-            f"{r['tokens_per_s']:10.0f} {drop:>8} {link}"
+            f"{r['tokens_per_s']:10.0f} {drop:>8} {link} {r['cpu_busy']:8.0%}"
         )
     for label, value in report["ratios"].items():
         print(f"tokens/s ratio {label}: {value:.2f}x")

@@ -11,9 +11,8 @@ their results are bit-identical; :meth:`combine` sends expert outputs back the r
   regroup by destination GPU, then an intra-node All2All among the G ranks of a node
   ((N-1) + (G-1) peers per rank, each inter-node message G times larger).
 
-Row counts are exchanged before every hop (one small All2All of integers), in padded mode
-too: ranks may hold different token counts and hence different capacities, and a static
-exchange with mismatched sizes would corrupt or abort the collective. :meth:`Dispatcher.plan`
+Row counts are exchanged before every hop (one small All2All of integers): only real rows
+travel, and ranks may hold different token counts, so no static exchange size exists. :meth:`Dispatcher.plan`
 does this once for several chunks of a layer's tokens, for the pipelined layer
 (:mod:`smile.pipeline`), which drives the hops asynchronously through :meth:`Hop.start`.
 """

@@ -9,9 +9,11 @@ GEMM strategies, never a Python loop over experts:
 * ``triton``: the same dropless, sync-free grouped GEMM as Triton kernels
   (:mod:`smile.kernels.grouped_gemm`), for fp32/bf16/fp16 on any GPU Triton supports (or on CPU
   under ``TRITON_INTERPRET=1``). Chosen automatically for 16-bit inputs on other GPUs (sm80+).
-* ``bmm``: equal groups (capacity-padded dispatch) are a ``[e, M, d]`` view; variable groups
-  are scattered into a ``[e, max_count, d]`` buffer first. The portable path (CPU, older GPUs,
-  fp32, no triton).
+* ``bmm``: equal groups are a ``[e, M, d]`` view; variable groups are scattered into a
+  ``[e, max_count, d]`` buffer first. The portable path (CPU, older GPUs, fp32, no triton).
+
+The autograd is explicit (forward rows, input gradient rows, weight gradients as separate
+steps) so the pipelined layer can take the weight gradients once over all chunks' rows.
 """
 
 from __future__ import annotations

@@ -2,7 +2,18 @@
 
 import os
 
+import pytest
 import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where Triton kernels run in this suite: CPU under the interpreter, else the GPU."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    pytest.skip("triton kernels need TRITON_INTERPRET=1 or a GPU")

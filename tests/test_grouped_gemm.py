@@ -18,16 +18,6 @@ grouped_mm = grouped_gemm.grouped_mm
 HAS_CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture
-def device() -> torch.device:
-    """Where the kernels run in the CPU suite: CPU under the interpreter, else the GPU."""
-    if grouped_gemm.INTERPRETED:
-        return torch.device("cpu")
-    if HAS_CUDA:
-        return torch.device("cuda")
-    pytest.skip("triton kernels need TRITON_INTERPRET=1 or a GPU")
-
-
 def offsets_of(counts: list[int], device) -> torch.Tensor:
     return torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
 

@@ -23,16 +23,6 @@ REF = TorchBackend()
 HAS_CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture
-def device() -> torch.device:
-    """Where the Triton kernels run in the CPU suite: CPU under the interpreter, else the GPU."""
-    if triton_dispatch.INTERPRETED:
-        return torch.device("cpu")
-    if HAS_CUDA:
-        return torch.device("cuda")
-    pytest.skip("triton kernels need TRITON_INTERPRET=1 or a GPU")
-
-
 def capacity_keep(ids: torch.Tensor, keep: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """Keep mask a capacity router would produce: the first ``capacity`` kept copies per expert."""
     onehot = F.one_hot(ids.reshape(-1), num_experts) * keep.reshape(-1, 1)

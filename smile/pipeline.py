@@ -8,8 +8,8 @@ of one chunk runs while the intra-node hop of another does.
 
 Results are bit-identical to the unchunked layer: every expert row is computed by the same
 row-wise GEMMs (whose per-row results do not depend on how many rows share the call), and the
-expert weight gradients are computed once, after the last chunk, over all rows put back in the
-unchunked layer's canonical order, so they sum in the same order.
+expert weight gradients are computed once, after every chunk's expert step, over all rows put
+back in the unchunked layer's canonical order, so they sum in the same order.
 """
 
 from __future__ import annotations
@@ -90,10 +90,22 @@ def run_stages(
     return values  # type: ignore[return-value]
 
 
-def _hop_stages(routes: list[Route], hop: int, toward_experts: bool, codec) -> Stage:
-    return Stage(
-        lambda c, x: routes[c].hops[hop].start(x, toward_experts, codec), channel=routes[0].hops[hop].group
-    )
+def _layer_stages(
+    routes: list[Route], compute: Callable[[int, torch.Tensor], torch.Tensor], codec_in, codec_out
+) -> list[Stage]:
+    """Every hop toward the experts (payload ``codec_in``), ``compute``, every hop back (``codec_out``)."""
+
+    def hop(index: int, toward_experts: bool, codec) -> Stage:
+        return Stage(
+            lambda c, x: routes[c].hops[index].start(x, toward_experts, codec), routes[0].hops[index].group
+        )
+
+    hops = range(len(routes[0].hops))
+    return [
+        *(hop(h, True, codec_in) for h in hops),
+        Stage(compute),
+        *(hop(h, False, codec_out) for h in reversed(hops)),
+    ]
 
 
 def _canonical_order(routes: list[Route]) -> tuple[torch.Tensor, list[int]]:
@@ -111,16 +123,13 @@ class _Pipelined(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dispatcher, experts, routes, w_in, w_out, *rows):  # type: ignore[override]
-        hops = len(routes[0].hops)
         saved: list[tuple] = [()] * len(rows)
 
         def compute(c: int, x: torch.Tensor) -> torch.Tensor:
             y, saved[c] = experts.forward_rows(x, routes[c].expert_counts)
             return y
 
-        stages = [_hop_stages(routes, h, True, dispatcher.dispatch_codec) for h in range(hops)]
-        stages.append(Stage(compute))
-        stages += [_hop_stages(routes, h, False, dispatcher.combine_codec) for h in reversed(range(hops))]
+        stages = _layer_stages(routes, compute, dispatcher.dispatch_codec, dispatcher.combine_codec)
         outs = run_stages(stages, list(rows))
         ctx.dispatcher, ctx.experts, ctx.routes, ctx.saved = dispatcher, experts, routes, saved
         return tuple(outs)
@@ -128,7 +137,6 @@ class _Pipelined(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
         routes, experts, codec = ctx.routes, ctx.experts, ctx.dispatcher.combine_codec
-        hops = len(routes[0].hops)
         weight_rows: list[tuple] = [()] * len(grads)
 
         def compute(c: int, dy: torch.Tensor) -> torch.Tensor:
@@ -136,9 +144,7 @@ class _Pipelined(torch.autograd.Function):
             ctx.saved[c] = ()
             return dx
 
-        stages = [_hop_stages(routes, h, True, codec) for h in range(hops)]
-        stages.append(Stage(compute))
-        stages += [_hop_stages(routes, h, False, codec) for h in reversed(range(hops))]
+        stages = _layer_stages(routes, compute, codec, codec)  # gradients travel in the combine format
         weight_grads: list[torch.Tensor] = []
 
         def take_weight_grads() -> None:

@@ -66,7 +66,8 @@ def _jobs(args: argparse.Namespace, run_root: str) -> list[tuple[str, dict]]:
 
 
 def bench_worker(topology, jobs: list[tuple[str, dict]], warmup: int) -> list[dict[str, Any]]:
-    """Train every job in turn; rank 0 reads each run's metrics after the warmup."""
+    """Train every job in turn; rank 0 reads each run's metrics after the warmup (it alone writes
+    them; under torchrun every rank made its own run directory), the others return nothing."""
     from smile.pretrain.config import job_from_dict
     from smile.pretrain.job import run
     from smile.runtime.metrics import read_records
@@ -75,8 +76,12 @@ def bench_worker(topology, jobs: list[tuple[str, dict]], warmup: int) -> list[di
     for name, job_dict in jobs:
         job = job_from_dict(job_dict)
         result = run(job, topology, quiet=True)
+        if topology.rank != 0:
+            continue
         records = read_records(Path(job.train.run_dir) / "metrics.jsonl")
         measured = [r for r in records if r["split"] == "train" and r["step"] > warmup]
+        if not measured:
+            raise ValueError(f"no training step logged after --warmup {warmup}: raise --steps")
         seconds = sum(r["step_time"] * job.train.log.every for r in measured)
         tokens = sum(r["tokens_per_s"] * r["step_time"] * job.train.log.every for r in measured)
         out.append(

@@ -28,6 +28,7 @@ from torch import nn
 
 ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
 GEMMS = ("auto", "grouped_mm", "bmm", "triton")
+MIN_BMM_ROWS = 8  # see _Groups.batched
 _EXPERT_ATTR = "_smile_expert"
 
 
@@ -193,6 +194,24 @@ class _Groups:
     def offsets(self) -> torch.Tensor:
         return torch.cumsum(torch.as_tensor(self.counts, device=self.device), 0, dtype=torch.int32)
 
+    @functools.cached_property
+    def batched(self) -> tuple[int, torch.Tensor | None]:
+        """``(width, slot)``: groups padded to ``width`` rows each, row i at ``slot[i]`` of the
+        flattened padding; ``slot`` is None when equal groups are already that layout.
+
+        At least ``MIN_BMM_ROWS`` rows per GEMM: BLAS switches to matrix-vector kernels for a few
+        rows, and a row's result must not depend on how many rows share the call (chunked layers).
+        """
+        counts = self.host
+        if len(set(counts)) == 1 and counts[0] >= MIN_BMM_ROWS:
+            return counts[0], None
+        width = max(max(counts), MIN_BMM_ROWS)
+        counts_t = torch.tensor(counts, device=self.device)
+        starts = torch.cumsum(counts_t, 0) - counts_t
+        expert = torch.repeat_interleave(torch.arange(len(counts), device=self.device), counts_t)
+        rows = torch.arange(expert.numel(), device=self.device)
+        return width, expert * width + rows - starts[expert]
+
 
 class _Gemm:
     """A grouped GEMM strategy: ``rows`` computes ``x_e @ w[e]`` for each group e of rows,
@@ -216,35 +235,23 @@ class _Gemm:
 
 
 class _BmmGemm(_Gemm):
-    """Groups padded to one width and batched.
-
-    At least ``MIN_WIDTH`` rows per GEMM: BLAS switches to matrix-vector kernels for a few rows,
-    and a row's result must not depend on how many rows share the call (chunked layers).
-    """
-
-    MIN_WIDTH = 8
+    """Groups padded to one width (:attr:`_Groups.batched`) and batched."""
 
     def _rows(self, x, w, groups):
-        padded, slot = self._pad(x, groups)
-        return torch.bmm(padded, w).reshape(-1, w.shape[2]).index_select(0, slot)
+        out = torch.bmm(self._pad(x, groups), w).reshape(-1, w.shape[2])
+        slot = groups.batched[1]
+        return out if slot is None else out.index_select(0, slot)
 
     def _weights(self, x, grad, groups):
-        (x_padded, _), (grad_padded, _) = self._pad(x, groups), self._pad(grad, groups)
-        return torch.bmm(x_padded.transpose(1, 2), grad_padded)
+        return torch.bmm(self._pad(x, groups).transpose(1, 2), self._pad(grad, groups))
 
-    def _pad(self, x: torch.Tensor, groups: _Groups) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` as ``[e, width, d]`` and each row's slot in the flattened padding."""
-        counts = groups.host
-        e = len(counts)
-        if len(set(counts)) == 1 and counts[0] >= self.MIN_WIDTH:
-            return x.view(e, counts[0], -1), torch.arange(x.shape[0], device=x.device)
-        width = max(max(counts), self.MIN_WIDTH)
-        counts_t = torch.tensor(counts, device=x.device)
-        starts = torch.cumsum(counts_t, 0) - counts_t
-        expert = torch.repeat_interleave(torch.arange(e, device=x.device), counts_t)
-        slot = expert * width + torch.arange(x.shape[0], device=x.device) - starts[expert]
-        padded = x.new_zeros(e * width, x.shape[1]).index_copy(0, slot, x)
-        return padded.view(e, width, -1), slot
+    @staticmethod
+    def _pad(x: torch.Tensor, groups: _Groups) -> torch.Tensor:
+        width, slot = groups.batched
+        if slot is None:
+            return x.view(len(groups.host), width, -1)
+        padded = x.new_zeros(len(groups.host) * width, x.shape[1]).index_copy(0, slot, x)
+        return padded.view(-1, width, x.shape[1])
 
 
 class _TorchGroupedGemm(_Gemm):

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from smile.sim.cluster import describe_environment
 from smile.topology import under_torchrun
 
 VARIANTS = {"switch": ("switch", "flat"), "smile": ("bilevel", "hierarchical")}
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
         },
+        "environment": describe_environment("nccl" if inside and torch.cuda.is_available() else "gloo"),
         "args": {k: v for k, v in vars(args).items() if k != "json"},
         "results": rows,
         "smile_over_switch": speedup,

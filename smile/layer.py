@@ -21,7 +21,7 @@ from smile.pipeline import pipelined_experts
 from smile.routing import build_router
 from smile.topology import Topology
 
-AUTO_CHUNKS = 2  # pipeline depth of chunks="auto": the best of 2, 4, 8 measured (docs/benchmarks.md)
+AUTO_CHUNKS = 3  # pipeline depth of chunks="auto": the best of 2, 3, 4 measured (docs/benchmarks.md)
 
 
 @dataclass

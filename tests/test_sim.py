@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import all2all_bench, moe_layer_bench
+from benchmarks import all2all_bench, make_results, moe_layer_bench
 from smile.sim import cluster as cl
 from smile.sim import cost_model as cm
 from smile.testing import run_distributed
@@ -358,6 +358,39 @@ def test_layer_variant_names_compose_levers():
     for bad in ("smile+warp", "smile+bf16+fp8", "smile+flat+flat", "switch+pipelined", "smile+"):
         with pytest.raises(ValueError, match="unknown; allowed"):
             moe_layer_bench.layer_options(bad, cfg)
+
+
+def test_results_report_the_default_smile_layer_and_the_pretraining_run():
+    rows = {name: {"tokens_per_s": tps} for name, tps in [("deepspeed", 100.0), ("smile", 95.0)]}
+    rows["smile+pipelined"] = {"tokens_per_s": 110.0}
+    verdicts = make_results._verdicts(rows)
+    assert "chunks='auto') beats DeepSpeed-MoE: **1.10x**" in verdicts[0]
+    assert "does NOT beat DeepSpeed-MoE (0.95x)" in verdicts[1]
+    network = "emulated: tc tbf 200 Mbit/s per node uplink, MTU 9000"
+    env = {"network": network, "date_utc": "d", "loadavg": [1.0]}
+    assert make_results._mtu(env) == "9000" and make_results._mtu({"network": "old"}) == "1500"
+    row = {
+        "tokens_per_s": 0.0,
+        "tokens_per_s_runs": [],
+        "step_ms": 1.0,
+        "forward_ms": 1.0,
+        "backward_ms": 1.0,
+        "ce": 7.0,
+        "dropped": 0.01,
+    }
+    report = {
+        "topology": "4 nodes x 2 GPUs",
+        "environment": env,
+        "args": {"capacity_factor": "1.0", "steps": 10, "warmup": 3, "repeats": 2},
+        "results": {
+            "switch": {**row, "tokens_per_s": 500.0, "tokens_per_s_runs": [490.0, 510.0]},
+            "smile": {**row, "tokens_per_s": 600.0, "tokens_per_s_runs": [590.0, 610.0]},
+        },
+        "smile_over_switch": 1.2,
+    }
+    text = "\n".join(make_results.pretrain_section(report))
+    assert "MTU 9000" in text and "| SMILE (bilevel + hierarchical) | 600 | 590, 610 |" in text
+    assert "SMILE / Switch: **1.20x**" in text
 
 
 def test_size_parsing():

@@ -239,6 +239,7 @@ class EmulatedCluster:
             MASTER_ADDR=self.address(0),
             MASTER_PORT=str(self.config.master_port),
             SMILE_CLUSTER_RATE_MBIT=str(self.config.rate_mbit),
+            SMILE_CLUSTER_MTU=str(self.config.mtu),
         )
         return env
 
@@ -399,7 +400,8 @@ def describe_environment(backend: str) -> dict[str, Any]:
 
     rate = os.environ.get("SMILE_CLUSTER_RATE_MBIT")
     if rate:
-        network = f"emulated: tc tbf {rate} Mbit/s per node uplink, loopback inside a node"
+        mtu = os.environ.get("SMILE_CLUSTER_MTU", "1500")
+        network = f"emulated: tc tbf {rate} Mbit/s per node uplink, MTU {mtu}, loopback inside a node"
     elif under_torchrun():
         network = "torchrun cluster (real network)"
     else:

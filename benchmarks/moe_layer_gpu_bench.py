@@ -4,8 +4,11 @@ Forward + backward in bf16 over the shapes of ANCHORS.md. "Expert TFLOP/s" count
 expert matmuls over the routed tokens, 3x forward for forward + backward (12 * T*k * d * ff).
 Every layer is timed in the same run with triton.testing.do_bench (median), after its output
 was checked against the torch loop on the same weights. Prints a table; writes JSON.
+``--profile`` also breaks smile's step down by kernel (GEMMs, dispatch and combine, elementwise,
+other) with torch.profiler, and gives the TFLOP/s inside the GEMM kernels alone: it says whether
+the GEMMs themselves or the time around them limit the layer.
 
-    python benchmarks/moe_layer_gpu_bench.py --json results.json
+    python benchmarks/moe_layer_gpu_bench.py --profile --json results.json
     python benchmarks/moe_layer_gpu_bench.py --device cpu --tiny     # smoke run anywhere
 """
 
@@ -15,7 +18,9 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
@@ -29,6 +34,25 @@ SHAPES = [  # T, d_model, d_ff, E, k
     (16384, 1024, 4096, 64, 2),
 ]
 TINY = [(256, 64, 128, 8, 2)]
+# Kernel (CUDA) or op (CPU) name -> category; the first match wins, the rest is "other".
+CATEGORIES = (
+    (
+        "gemm",
+        re.compile(r"gemm|xmma|cutlass|nvjet|wgmma|grouped_mm|grouped_wgrad|aten::(bmm|mm|addmm)\b", re.I),
+    ),
+    (
+        "dispatch+combine",
+        re.compile(
+            r"gather_rows|combine|rank_in_block|scan_blocks|expert_base|write_index|index|scatter|"
+            r"gather|sort|bincount|cumsum",
+            re.I,
+        ),
+    ),
+    (
+        "elementwise",
+        re.compile(r"elementwise|vectorized|gelu|silu|mul|add|div|exp|softmax|copy|fill|cat", re.I),
+    ),
+)
 
 
 def torch_loop(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +125,37 @@ def fwd_bwd(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gr
     return run
 
 
+def profile_breakdown(run: Callable[[], None], device: str, expert_flops: float, steps: int = 3) -> dict:
+    """Time per step by category of kernel (CUDA) or op self time (CPU), over ``steps`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()  # warm-up: compiled kernels and cached layouts
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    per_name: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        on_device = event.device_type == torch.autograd.DeviceType.CUDA
+        if on_device == (device == "cuda"):
+            micros = event.self_device_time_total if on_device else event.self_cpu_time_total
+            per_name[event.key] += micros / 1e3 / steps
+    categories = {name: 0.0 for name, _ in CATEGORIES} | {"other": 0.0}
+    for name, ms in per_name.items():
+        category = next((c for c, pattern in CATEGORIES if pattern.search(name)), "other")
+        categories[category] += ms
+    total = sum(categories.values())
+    top = sorted(per_name.items(), key=lambda item: -item[1])[:5]
+    return {
+        "total_ms": total,
+        "ms": categories,
+        "gemm_tflops": expert_flops / categories["gemm"] / 1e9 if categories["gemm"] else float("nan"),
+        "top": [[name[:80], ms] for name, ms in top],
+    }
+
+
 def dense_ceiling(device: str, dtype: torch.dtype) -> float:
     n = 8192 if device == "cuda" else 256
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -108,7 +163,7 @@ def dense_ceiling(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 / ms / 1e9
 
 
-def bench_shape(shape, device: str, dtype: torch.dtype, cf: float) -> dict:
+def bench_shape(shape, device: str, dtype: torch.dtype, cf: float, profile: bool = False) -> dict:
     tokens, d, ff, experts, k = shape
 
     def build(gemm: str) -> MoELayer:
@@ -160,6 +215,8 @@ def bench_shape(shape, device: str, dtype: torch.dtype, cf: float) -> dict:
     if ds is not None:
         ds = ds.to(device, dtype)
         variants[f"deepspeed_cf{cf}"] = fwd_bwd(lambda t: ds(t.unsqueeze(0))[0].squeeze(0), x, grad)
+    if profile:
+        row["profile_smile"] = profile_breakdown(variants["smile"], device, flops)
     for name, run in variants.items():
         try:
             ms = timed(run, device)
@@ -176,6 +233,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="one small shape (smoke run)")
     parser.add_argument("--capacity-factor", type=float, default=1.0, help="for DeepSpeed-MoE")
+    parser.add_argument("--profile", action="store_true", help="break smile's step down by kernel")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -188,7 +246,7 @@ def main() -> None:
     )
     rows = []
     for shape in shapes:
-        rows.append(bench_shape(shape, args.device, dtype, args.capacity_factor))
+        rows.append(bench_shape(shape, args.device, dtype, args.capacity_factor, args.profile))
         print(json.dumps(rows[-1]), flush=True)
     variants = [k[:-3] for k in rows[0] if k.endswith("_ms")]
     header = f"{'T,d,ff,E,k':24}" + "".join(f"{v:>22}" for v in variants) + f"{'smile/loop':>11}{'gemm':>11}"
@@ -197,6 +255,17 @@ def main() -> None:
         cells = "".join(f"{r[v + '_ms']:9.2f} ms {r[v + '_tflops']:6.0f} TF" for v in variants)
         shape = f"{r['T']},{r['d_model']},{r['d_ff']},{r['E']},{r['k']}"
         print(f"{shape:24}{cells}{r['torch_loop_ms'] / r['smile_ms']:10.2f}x{r['gemm']:>11}")
+    for r in rows:
+        if "profile_smile" in r:
+            p = r["profile_smile"]
+            parts = ", ".join(
+                f"{name} {ms:.2f} ms ({ms / p['total_ms']:.0%})" for name, ms in p["ms"].items()
+            )
+            print(
+                f"smile step by kernel, {r['T']},{r['d_model']},{r['d_ff']},{r['E']},{r['k']}: "
+                f"{p['total_ms']:.2f} ms = {parts}; {p['gemm_tflops']:.0f} TFLOP/s inside the GEMMs; "
+                f"top: {'; '.join(f'{name} {ms:.2f} ms' for name, ms in p['top'])}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from benchmarks import all2all_bench, make_results, moe_layer_bench
+from benchmarks import all2all_bench, make_results, moe_layer_bench, moe_layer_gpu_bench
 from smile.sim import cluster as cl
 from smile.sim import cost_model as cm
 from smile.testing import run_distributed
@@ -391,6 +392,20 @@ def test_results_report_the_default_smile_layer_and_the_pretraining_run():
     text = "\n".join(make_results.pretrain_section(report))
     assert "MTU 9000" in text and "| SMILE (bilevel + hierarchical) | 600 | 590, 610 |" in text
     assert "SMILE / Switch: **1.20x**" in text
+
+
+def test_gpu_layer_profile_splits_the_step_by_kernel_category():
+    from smile.layer import MoELayer
+
+    layer = MoELayer(16, 32, 4, router="topk", k=2, capacity_factor=None)
+    x = torch.randn(64, 16, requires_grad=True)
+    flops = 12 * 64 * 2 * 16 * 32
+    prof = moe_layer_gpu_bench.profile_breakdown(lambda: layer(x)[0].sum().backward(), "cpu", flops, steps=2)
+    assert set(prof["ms"]) == {"gemm", "dispatch+combine", "elementwise", "other"}
+    assert prof["total_ms"] == pytest.approx(sum(prof["ms"].values()))
+    assert prof["ms"]["gemm"] > 0 and prof["ms"]["dispatch+combine"] > 0
+    assert prof["gemm_tflops"] == pytest.approx(flops / prof["ms"]["gemm"] / 1e9)
+    assert len(prof["top"]) == 5 and all(ms >= 0 for _, ms in prof["top"])
 
 
 def test_size_parsing():

@@ -24,7 +24,7 @@ from smile.sim.cluster import ClusterConfig, EmulatedCluster, raise_on_sigterm
 
 HERE = Path(__file__).resolve().parent
 RATE_MBIT = 200.0
-MTU = 9000  # jumbo frames, as on the paper's cluster (AWS EFA/ENA links run at MTU 9001)
+MTU = ClusterConfig().mtu  # jumbo frames, as on the paper's cluster (AWS EFA/ENA links run at MTU 9001)
 LAYER_CONFIG = (
     "--tokens 2048 --d-model 512 --d-ff 512 --experts-per-rank 1 --capacity-factor 1.0 --iters 10 --warmup 2"
 )
@@ -472,7 +472,7 @@ def caveats(envs: list[dict], moe: dict | None) -> list[str]:
         "(jumbo frames, as the paper's AWS cluster's EFA/ENA links at 9001). At 1500 the kernel's "
         "per-packet work on the same 2 cores about doubles the ranks' system time and every layer's "
         "step becomes CPU-bound, leaving pipelining no idle link time to fill: SMILE's layers then do "
-        "not beat DeepSpeed-MoE (figures in docs/benchmarks.md; `smile cluster --mtu 1500`).",
+        "not beat DeepSpeed-MoE (figures in docs/benchmarks.md; `smile cluster --mtu 1500` reproduces it).",
         "gloo/CPU, fp32 tensors and payloads (except the smile+bf16/fp8 layer variants); the NCCL/GPU "
         "path of the same scripts was not measured here (no GPU on this machine, and a single GPU "
         "cannot run a multi-rank All2All).",

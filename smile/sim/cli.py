@@ -121,7 +121,10 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate-mbit", type=float, default=defaults.rate_mbit, help="per-node uplink rate (tc tbf)"
     )
     parser.add_argument(
-        "--mtu", type=int, default=defaults.mtu, help="MTU of every emulated link (9000: jumbo frames)"
+        "--mtu",
+        type=int,
+        default=defaults.mtu,
+        help="MTU of every emulated link (default: jumbo frames, as training clusters use; 1500: a LAN)",
     )
     parser.add_argument("--subnet", default=defaults.subnet, help="first three octets of the nodes' /24")
     parser.add_argument("--master-port", type=int, default=defaults.master_port)

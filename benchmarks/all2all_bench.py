@@ -4,6 +4,8 @@ For each message size (bytes each rank sends, spread evenly over every rank's on
 times ``dispatch`` of both dispatchers, count exchanges and regroup copies included,
 interleaving the two so machine load hits both alike. A step ends when its slowest rank ends:
 every iteration's time is the maximum over ranks; the figure is the median over iterations.
+Each dispatch is also split into its stages (the count exchanges, then every hop with its
+regroup), each the slowest rank's, so the report says which part of the two hops costs what.
 Before timing, the two dispatchers' outputs are checked to be identical.
 
 * gloo/CPU: ``python benchmarks/all2all_bench.py --nodes 2 --gpus-per-node 2`` (simulated on one
@@ -30,6 +32,7 @@ from smile.comm import FlatDispatcher, HierarchicalDispatcher
 from smile.sim.cluster import report_layout, run_ranks
 
 KINDS = ("flat", "hierarchical")
+STAGES = {"flat": ("counts", "all2all"), "hierarchical": ("counts", "inter", "intra")}
 DEFAULT_SIZES = "16K,64K,256K,1M,4M,16M,64M"
 _UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3}
 
@@ -61,13 +64,19 @@ def _slowest(times: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _time_dispatch(dispatcher, x: torch.Tensor, counts: torch.Tensor, device: torch.device) -> float:
+def _time_dispatch(dispatcher, x: torch.Tensor, counts: torch.Tensor, device: torch.device) -> list[float]:
+    """Seconds of each stage of one ``dispatch``: the count exchanges (``plan``), then each hop."""
     _sync(device)
     dist.barrier()
-    start = time.perf_counter()
-    dispatcher.dispatch(x, counts)
+    marks = [time.perf_counter()]
+    (route,) = dispatcher.plan(counts.view(1, -1))
     _sync(device)
-    return time.perf_counter() - start
+    marks.append(time.perf_counter())
+    for hop in route.hops:
+        x = hop.forward(x)
+        _sync(device)
+        marks.append(time.perf_counter())
+    return [b - a for a, b in zip(marks, marks[1:])]
 
 
 def all2all_worker(topo, cfg: dict) -> dict:
@@ -89,18 +98,24 @@ def all2all_worker(topo, cfg: dict) -> dict:
         del outs
 
         warm = [
-            _time_dispatch(dispatchers[k], x, counts, device) for k in KINDS for _ in range(cfg["warmup"])
+            sum(_time_dispatch(dispatchers[k], x, counts, device))
+            for k in KINDS
+            for _ in range(cfg["warmup"])
         ]
         first = _slowest(warm or [0.0], device)
         iters = max(cfg["min_iters"], min(cfg["iters"], int(cfg["budget_s"] / max(2 * max(first), 1e-9))))
-        samples: dict[str, list[float]] = {k: [] for k in KINDS}
+        samples: dict[str, list[list[float]]] = {k: [] for k in KINDS}
         for _ in range(iters):
             for kind in KINDS:
                 samples[kind].append(_time_dispatch(dispatchers[kind], x, counts, device))
         row = {"size_bytes": per_peer * w * row_bytes, "rows_per_peer": per_peer, "iters": iters}
         for kind in KINDS:
-            slow = _slowest(samples[kind], device)
+            slow = _slowest([sum(stages) for stages in samples[kind]], device)
             row[kind] = {"median_s": statistics.median(slow), "samples_s": slow}
+            row[kind]["stages_median_s"] = {
+                name: statistics.median(_slowest([stages[i] for stages in samples[kind]], device))
+                for i, name in enumerate(STAGES[kind])
+            }
         table.append(row)
     return {"rank": topo.rank, "table": table}
 
@@ -168,10 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         "results": per_rank[0]["table"],
     }
     print(f"All2All per dispatch, {env['layout']}, {backend}; {env['network']}")
-    print(f"{'bytes/rank':>12} {'flat ms':>10} {'hier ms':>10} {'hier/flat':>10} {'iters':>6}")
+    print(
+        f"{'bytes/rank':>12} {'flat ms':>10} {'hier ms':>10} {'hier/flat':>10} {'iters':>6}   "
+        "stages ms (slowest rank, median): flat counts+all2all | hier counts+inter+intra"
+    )
     for r in report["results"]:
         f, h = r["flat"]["median_s"], r["hierarchical"]["median_s"]
-        print(f"{r['size_bytes']:>12} {1e3 * f:10.2f} {1e3 * h:10.2f} {h / f:10.2f} {r['iters']:>6}")
+        stages = " | ".join(
+            "+".join(f"{1e3 * s:.1f}" for s in r[kind]["stages_median_s"].values()) for kind in KINDS
+        )
+        print(
+            f"{r['size_bytes']:>12} {1e3 * f:10.2f} {1e3 * h:10.2f} {h / f:10.2f} {r['iters']:>6}   {stages}"
+        )
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)

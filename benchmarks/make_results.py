@@ -370,6 +370,24 @@ def layer_check(rep: dict, fit: cm.FitResult) -> tuple[cm.ClusterSpec, list[str]
     return spec, [*lines, ""]
 
 
+def _stage_lines(reports: list[dict], size: int) -> list[str]:
+    """Each dispatch split into its stages at ``size`` bytes per rank (reports that recorded them)."""
+    lines = []
+    for rep in reports:
+        row = next((r for r in rep["results"] if r["size_bytes"] == size), None)
+        if row is None or "stages_median_s" not in row["flat"]:
+            continue
+        flat, hier = row["flat"]["stages_median_s"], row["hierarchical"]["stages_median_s"]
+        c = rep["config"]
+        lines.append(
+            f"Measured by stage at {_mb(size)} per rank on {c['nodes']}x{c['gpus_per_node']} (slowest rank, "
+            f"median): flat = counts {1e3 * flat['counts']:.1f} + All2All {1e3 * flat['all2all']:.1f} ms; "
+            f"hierarchical = counts {1e3 * hier['counts']:.1f} + inter-node hop {1e3 * hier['inter']:.1f} "
+            f"+ intra-node hop {1e3 * hier['intra']:.1f} ms (hops with their regroup copies)."
+        )
+    return lines
+
+
 def _nodes(n: int | None) -> str:
     return "no node count up to 4096" if n is None or n > 4096 else f"{n} nodes"
 
@@ -395,7 +413,9 @@ def crossover_section(
         "Why not at this scale: both dispatchers push the same bytes through each node's uplink; the "
         "hierarchical one adds a second collective, a loopback hop of m*(G-1)/G bytes and a second "
         "regroup copy, all paid on the same 2 CPU cores, and saves only (N-1)*(G-1) inter-node "
-        "messages (3 at 4x2, 4 at 2x4). The fitted model says what it would take:",
+        "messages (3 at 4x2, 4 at 2x4).",
+        *_stage_lines(reports, size),
+        "The fitted model says what it would take:",
         "",
     ]
     sizes = sorted({m.size for m in fit.measurements})

@@ -329,6 +329,8 @@ def test_benchmarks_run_at_tiny_sizes(tmp_path):
     for row in a2a[0]["table"]:
         for kind in all2all_bench.KINDS:
             assert len(row[kind]["samples_s"]) == row["iters"] and row[kind]["median_s"] > 0
+            stages = row[kind]["stages_median_s"]
+            assert tuple(stages) == all2all_bench.STAGES[kind] and all(s > 0 for s in stages.values())
     env = {"layout": "2 nodes x 2 ranks", "backend": "gloo", "network": "test"}
     report = {"results": a2a[0]["table"], "environment": env}
     all2all_bench.plot(report, str(tmp_path / "a2a.png"))

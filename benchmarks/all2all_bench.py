@@ -5,7 +5,9 @@ times ``dispatch`` of both dispatchers, count exchanges and regroup copies inclu
 interleaving the two so machine load hits both alike. A step ends when its slowest rank ends:
 every iteration's time is the maximum over ranks; the figure is the median over iterations.
 Each dispatch is also split into its stages (the count exchanges, then every hop with its
-regroup), each the slowest rank's, so the report says which part of the two hops costs what.
+regroup) along the critical path: stage i lasts from the moment the slowest rank ended stage
+i-1 to the moment the slowest rank ended stage i (medians), so the stages add up to the total and
+a hop that waits for a slower peer's previous hop is charged that wait.
 Before timing, the two dispatchers' outputs are checked to be identical.
 
 * gloo/CPU: ``python benchmarks/all2all_bench.py --nodes 2 --gpus-per-node 2`` (simulated on one
@@ -65,18 +67,19 @@ def _slowest(times: list[float], device: torch.device) -> list[float]:
 
 
 def _time_dispatch(dispatcher, x: torch.Tensor, counts: torch.Tensor, device: torch.device) -> list[float]:
-    """Seconds of each stage of one ``dispatch``: the count exchanges (``plan``), then each hop."""
+    """Seconds from the common start to the end of each stage of one ``dispatch``: the count
+    exchanges (``plan``), then each hop; the last is the whole dispatch."""
     _sync(device)
     dist.barrier()
-    marks = [time.perf_counter()]
+    start = time.perf_counter()
     (route,) = dispatcher.plan(counts.view(1, -1))
     _sync(device)
-    marks.append(time.perf_counter())
+    ends = [time.perf_counter() - start]
     for hop in route.hops:
         x = hop.forward(x)
         _sync(device)
-        marks.append(time.perf_counter())
-    return [b - a for a, b in zip(marks, marks[1:])]
+        ends.append(time.perf_counter() - start)
+    return ends
 
 
 def all2all_worker(topo, cfg: dict) -> dict:
@@ -98,9 +101,7 @@ def all2all_worker(topo, cfg: dict) -> dict:
         del outs
 
         warm = [
-            sum(_time_dispatch(dispatchers[k], x, counts, device))
-            for k in KINDS
-            for _ in range(cfg["warmup"])
+            _time_dispatch(dispatchers[k], x, counts, device)[-1] for k in KINDS for _ in range(cfg["warmup"])
         ]
         first = _slowest(warm or [0.0], device)
         iters = max(cfg["min_iters"], min(cfg["iters"], int(cfg["budget_s"] / max(2 * max(first), 1e-9))))
@@ -110,12 +111,12 @@ def all2all_worker(topo, cfg: dict) -> dict:
                 samples[kind].append(_time_dispatch(dispatchers[kind], x, counts, device))
         row = {"size_bytes": per_peer * w * row_bytes, "rows_per_peer": per_peer, "iters": iters}
         for kind in KINDS:
-            slow = _slowest([sum(stages) for stages in samples[kind]], device)
+            ends = [statistics.median(_slowest(list(stage), device)) for stage in zip(*samples[kind])]
+            slow = _slowest([stages[-1] for stages in samples[kind]], device)
             row[kind] = {"median_s": statistics.median(slow), "samples_s": slow}
-            row[kind]["stages_median_s"] = {
-                name: statistics.median(_slowest([stages[i] for stages in samples[kind]], device))
-                for i, name in enumerate(STAGES[kind])
-            }
+            row[kind]["stages_median_s"] = dict(
+                zip(STAGES[kind], [b - a for a, b in zip([0.0, *ends], ends)])
+            )
         table.append(row)
     return {"rank": topo.rank, "table": table}
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"All2All per dispatch, {env['layout']}, {backend}; {env['network']}")
     print(
         f"{'bytes/rank':>12} {'flat ms':>10} {'hier ms':>10} {'hier/flat':>10} {'iters':>6}   "
-        "stages ms (slowest rank, median): flat counts+all2all | hier counts+inter+intra"
+        "stages ms (critical path): flat counts+all2all | hier counts+inter+intra"
     )
     for r in report["results"]:
         f, h = r["flat"]["median_s"], r["hierarchical"]["median_s"]

@@ -112,34 +112,40 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, self.d_model)
         plan = self.router(tokens)
         backend = get_backend(self.backend_name, tokens.device)
-        spans = _token_spans(tokens.shape[0], self.chunks)
         with record_function("smile.dispatch"):
             # The keep mask enforces any capacity: only kept rows travel, nothing is padded.
-            indices = [
-                backend.dispatch_index(plan.expert_ids[span], plan.keep[span], self.num_experts, None)
-                for span in spans
-            ]
-            rows = [permute(tokens[span], src, dest, backend) for span, (dest, src, _) in zip(spans, indices)]
-        counts = torch.stack([c for _, _, c in indices])  # [chunk, expert]
+            slots = _chunk_slots(plan.expert_ids, self.chunks, self.num_experts)
+            dest, src, slot_counts = backend.dispatch_index(
+                slots, plan.keep, self.chunks * self.num_experts, None
+            )
+            rows = permute(tokens, src, dest, backend)
+        counts = slot_counts.view(self.chunks, self.num_experts)
         if self.chunks == 1:
-            expert_in, expert_counts, handle = self.dispatcher.dispatch(rows[0], counts[0])
-            backs = [self.dispatcher.combine(self.experts(expert_in, expert_counts), handle)]
+            expert_in, expert_counts, handle = self.dispatcher.dispatch(rows, counts[0])
+            back = self.dispatcher.combine(self.experts(expert_in, expert_counts), handle)
         else:
-            backs = self.experts(rows, counts, run=functools.partial(pipelined_experts, self.dispatcher))
+            chunk_rows = list(rows.split(counts.sum(1).tolist()))
+            run = functools.partial(pipelined_experts, self.dispatcher)
+            back = torch.cat(self.experts(chunk_rows, counts, run=run))
         with record_function("smile.combine"):
-            outs = [
-                unpermute_combine(back, plan.gates[span].to(back.dtype), dest, src, backend)
-                for back, span, (dest, src, _) in zip(backs, spans, indices)
-            ]
+            out = unpermute_combine(back, plan.gates.to(back.dtype), dest, src, backend)
         self.last_stats = LayerStats(counts.sum(0).detach(), plan.keep, plan.losses)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.view(x.shape), plan.aux_loss
 
 
-def _token_spans(num_tokens: int, chunks: int) -> list[slice]:
-    """``chunks`` consecutive, near-equal token ranges (some empty when tokens are few)."""
-    bounds = [num_tokens * i // chunks for i in range(chunks + 1)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+def _chunk_slots(expert_ids: torch.Tensor, chunks: int, num_experts: int) -> torch.Tensor:
+    """Slot ``c * E + expert`` of every copy, for ``chunks`` consecutive near-equal token ranges.
+
+    One dispatch index over these slots lays out each chunk's expert-grouped rows one chunk after
+    the other: the same rows, in the same order, as one index per chunk, for one index and one
+    permute per layer.
+    """
+    if chunks == 1:
+        return expert_ids
+    tokens = expert_ids.shape[0]
+    starts = torch.tensor([tokens * c // chunks for c in range(1, chunks)], device=expert_ids.device)
+    chunk_of = torch.bucketize(torch.arange(tokens, device=expert_ids.device), starts, right=True)
+    return expert_ids + (chunk_of * num_experts).unsqueeze(1)
 
 
 def _resolve_chunks(chunks: int | str, ep_size: int) -> int:

@@ -10,6 +10,12 @@ import torch.distributed as dist
 from smile.layer import MoELayer
 
 
+def build_layer(topo, seed: int, d_model: int, d_ff: int, **options) -> MoELayer:
+    """A layer with 2 experts per rank; every rank seeds alike, so all build the same model."""
+    torch.manual_seed(seed)
+    return MoELayer(d_model, d_ff, 2 * topo.ep_size, topology=topo, **options)
+
+
 def gather_experts(layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
     """All experts' weights of the EP group, ordered by global expert id."""
     out = []

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smile.layer import MoELayer
 from smile.testing import run_distributed
-from tests.moe_reference import dense_forward_backward, layer_forward_backward
+from tests.moe_reference import build_layer, dense_forward_backward, layer_forward_backward
 
 D_MODEL, D_FF, TOKENS = 8, 16, 24
 
@@ -23,15 +22,14 @@ PAIRINGS = [
 
 
 def _build(topo, router, dispatcher, capacity_factor, options):
-    torch.manual_seed(1234)
-    return MoELayer(
+    return build_layer(
+        topo,
+        1234,
         D_MODEL,
         D_FF,
-        2 * topo.ep_size,
         router=router,
         dispatcher=dispatcher,
         capacity_factor=capacity_factor,
-        topology=topo,
         **options,
     )
 

@@ -9,7 +9,7 @@ from smile.comm import EXACT, Transfer
 from smile.layer import MoELayer
 from smile.pipeline import Stage, run_stages
 from smile.testing import run_distributed
-from tests.moe_reference import dense_forward_backward, layer_forward_backward
+from tests.moe_reference import build_layer, dense_forward_backward, layer_forward_backward
 
 D_MODEL, D_FF = 8, 16
 
@@ -25,15 +25,14 @@ CASES = [
 
 
 def _layer(topo, router, dispatcher, capacity_factor, options, dispatch_payload, combine_payload, chunks):
-    torch.manual_seed(77)
-    return MoELayer(
+    return build_layer(
+        topo,
+        77,
         D_MODEL,
         D_FF,
-        2 * topo.ep_size,
         router=router,
         dispatcher=dispatcher,
         capacity_factor=capacity_factor,
-        topology=topo,
         dispatch_payload=dispatch_payload,
         combine_payload=combine_payload,
         chunks=chunks,

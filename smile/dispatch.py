@@ -22,6 +22,8 @@ from typing import Protocol
 
 import torch
 
+from smile.kernels.common import kept_total_mismatch
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -31,8 +33,16 @@ class DispatchBackend(Protocol):
     """The three ops a backend provides (forward only; autograd is wired here)."""
 
     def dispatch_index(
-        self, expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: int, capacity: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+        self,
+        expert_ids: torch.Tensor,
+        keep: torch.Tensor,
+        num_experts: int,
+        capacity: int | None,
+        kept_total: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``kept_total``: the number of kept copies when the caller knows it (dropless: T * k);
+        a dropless index then needs no host wait for the buffer's size (checked on the device)."""
+        ...
 
     def gather_rows(self, x: torch.Tensor, src: torch.Tensor) -> torch.Tensor: ...
 
@@ -50,7 +60,12 @@ class TorchBackend:
     name = "torch"
 
     def dispatch_index(
-        self, expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: int, capacity: int | None
+        self,
+        expert_ids: torch.Tensor,
+        keep: torch.Tensor,
+        num_experts: int,
+        capacity: int | None,
+        kept_total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, k = expert_ids.shape
         flat_ids = expert_ids.reshape(-1)
@@ -60,7 +75,10 @@ class TorchBackend:
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(flat_ids[flat_keep], minlength=num_experts)
         offsets = torch.cumsum(counts, 0) - counts
-        kept_total = int(counts.sum())
+        kept = int(counts.sum())  # the reference reads it back, given or not, and checks the claim
+        if kept_total is not None and kept != kept_total:
+            raise ValueError(kept_total_mismatch(kept_total))
+        kept_total = kept
         sorted_ids = key[order][:kept_total]
         rank_in_expert = torch.arange(kept_total, device=flat_ids.device) - offsets[sorted_ids]
         base = sorted_ids * capacity if capacity is not None else offsets[sorted_ids]
@@ -167,7 +185,7 @@ class _Combine(torch.autograd.Function):
         grad_y = grad_gates = None
         if ctx.needs_input_grad[0]:
             # Row r of y fed token src[r] with weight gates[t, j]: a gather, no atomics.
-            row_gate = _row_gates(gates, dest, src.numel())
+            row_gate = _row_gates(gates, dest, src)
             grad_y = ctx.backend.gather_rows(grad_out, src) * row_gate.unsqueeze(1).to(grad_out.dtype)
         if ctx.needs_input_grad[1]:
             rows = ctx.backend.combine(y, dest.reshape(-1, 1), None).view(*dest.shape, y.shape[1])
@@ -176,12 +194,15 @@ class _Combine(torch.autograd.Function):
         return grad_y, grad_gates, None, None, None
 
 
-def _row_gates(gates: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Gate of the copy held by each permuted row (0 for padding rows)."""
-    out = torch.zeros(num_rows, dtype=gates.dtype, device=gates.device)
-    valid = dest >= 0
-    out[dest[valid]] = gates[valid]
-    return out
+def _row_gates(gates: torch.Tensor, dest: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Gate of the copy held by each permuted row (0 for padding rows).
+
+    A gather (row r holds the copy j of token src[r] with dest[src[r], j] == r): no boolean mask,
+    whose size a GPU would have to send back to the host, and no duplicate scatter indices.
+    """
+    token = src.clamp(min=0)
+    row = torch.arange(src.numel(), device=src.device).unsqueeze(1)
+    return (gates.index_select(0, token) * (dest.index_select(0, token) == row)).sum(1)
 
 
 def permute(x: torch.Tensor, src: torch.Tensor, dest: torch.Tensor, backend: DispatchBackend) -> torch.Tensor:

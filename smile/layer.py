@@ -116,7 +116,7 @@ class MoELayer(nn.Module):
             # The keep mask enforces any capacity: only kept rows travel, nothing is padded.
             slots = _chunk_slots(plan.expert_ids, self.chunks, self.num_experts)
             dest, src, slot_counts = backend.dispatch_index(
-                slots, plan.keep, self.chunks * self.num_experts, None
+                slots, plan.keep, self.chunks * self.num_experts, None, kept_total=plan.kept_total
             )
             rows = permute(tokens, src, dest, backend)
         counts = slot_counts.view(self.chunks, self.num_experts)

@@ -37,7 +37,7 @@ class RoutingPlan:
 
     expert_ids: torch.Tensor  # [T, k] int64, global expert index
     gates: torch.Tensor  # [T, k] float, differentiable combine weights
-    keep: torch.Tensor  # [T, k] bool, False where a copy was dropped for capacity
+    keep: torch.Tensor  # [T, k] bool, False where a copy was dropped for capacity; all True if dropless
     num_experts: int
     capacity: int | None  # rows per expert in a padded buffer; None = dropless
     aux_loss: torch.Tensor  # weighted load-balance + z-loss, add to the task loss
@@ -51,6 +51,11 @@ class RoutingPlan:
     @property
     def dropped_fraction(self) -> float:
         return 1.0 - float(self.keep.float().mean()) if self.keep.numel() else 0.0
+
+    @property
+    def kept_total(self) -> int | None:
+        """Kept copies, when known without reading ``keep`` off the device: all of them if dropless."""
+        return self.expert_ids.numel() if self.capacity is None else None
 
 
 def capacity_for(capacity_factor: float | None, tokens: int, k: int, targets: int) -> int | None:
@@ -79,7 +84,10 @@ def load_balance_loss(probs: torch.Tensor, target_ids: torch.Tensor) -> torch.Te
     n = probs.shape[-1]
     if target_ids.numel() == 0:
         return probs.sum() * 0.0  # no tokens on this rank: nothing to balance, graph kept
-    counts = torch.bincount(target_ids.reshape(-1), minlength=n).to(probs.dtype)
+    # A scatter, not bincount: bincount on a GPU reads the largest id back to the host.
+    ids = target_ids.reshape(-1)
+    counts = torch.zeros(n, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    counts = counts.to(probs.dtype)
     fraction = counts / target_ids.numel()
     return n * torch.sum(fraction * probs.mean(0))
 

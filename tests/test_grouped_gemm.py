@@ -7,10 +7,17 @@ compiled kernels with the reference at realistic sizes.
 
 from __future__ import annotations
 
+import contextlib
+import traceback
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from smile.dispatch import TorchBackend
 from smile.experts import ACTIVATIONS, ExpertFFN
+from smile.kernels import TritonBackend
+from smile.layer import MoELayer
 
 grouped_gemm = pytest.importorskip("smile.kernels.grouped_gemm")
 grouped_mm = grouped_gemm.grouped_mm
@@ -165,6 +172,92 @@ def test_cpu_tensors_without_the_interpreter_are_refused():
 
 def test_auto_keeps_bmm_on_cpu():
     assert ExpertFFN(2, 8, 16).resolve_gemm(torch.randn(3, 8, dtype=torch.bfloat16)) == "bmm"
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the ops that make a GPU wait for the host: reading a value back (item, bool, int),
+    and ops whose output size depends on values (nonzero, boolean-mask indexing, bincount)."""
+
+    WAITS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.bincount.default",
+             "aten.masked_select.default", "aten.unique_consecutive.default", "aten._unique2.default"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def record(self, what: str) -> None:
+        frames = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()[:-2]]
+        self.seen.append(f"{what} at {' <- '.join(reversed(frames[-3:]))}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = [t for a in args if isinstance(a, (list, tuple)) for t in a]
+        masked = any(getattr(t, "dtype", None) == torch.bool for t in indices)
+        if str(func) in self.WAITS or (masked and str(func).startswith("aten.index")):
+            self.record(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def host_syncs(device: torch.device | None = None):
+    """The recorded waits (``tolist`` is patched: it reads memory without a dispatched op); on a
+    GPU, CUDA's own sync check also raises on any wait."""
+    mode, tolist = _HostSyncs(), torch.Tensor.tolist
+
+    def recorded_tolist(tensor):
+        mode.record("Tensor.tolist")
+        return tolist(tensor)
+
+    on_gpu = device is not None and device.type == "cuda"
+    torch.Tensor.tolist = recorded_tolist
+    if on_gpu:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with mode:
+            yield mode.seen
+    finally:
+        torch.Tensor.tolist = tolist
+        if on_gpu:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_host_sync_recorder_sees_what_it_must():
+    ids = torch.tensor([0, 2, 2])
+    with host_syncs() as seen:
+        ids.tolist(), int(ids.sum()), ids[ids > 0], torch.bincount(ids)
+    assert len(seen) == 4, seen
+
+
+@pytest.mark.parametrize("router", ["topk", "bilevel"])
+def test_single_rank_layer_never_waits_for_the_host(device, router):
+    """Dropless single-GPU path: router -> fused index and permute -> grouped GEMMs -> fused combine,
+    forward and backward, with every count left on the device (the finite-logits check is an
+    asynchronous device assert on a GPU and a host check on CPU, so it is off here)."""
+    torch.manual_seed(0)
+    layer = MoELayer(32, 48, 4, router=router, k=2, capacity_factor=None, check_finite=False,
+                     backend="triton", gemm="triton").to(device)
+    x = torch.randn(24, 32, device=device, requires_grad=True)
+    layer(x)[0].sum().backward()  # first call: kernel compilation and caches
+    with host_syncs(device) as seen:
+        out, aux = layer(x)
+        (out.square().sum() + aux).backward()
+    assert seen == []
+    assert x.grad is not None and layer.experts.w_in.grad is not None
+
+
+def test_kept_total_is_checked_against_the_keep_mask(device):
+    """A wrong claim is an error, never a short buffer: raised by the reference, and by the kernels'
+    device assert (run here only on CPU: a failed device assert ends a GPU process)."""
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0]], device=device)
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    dropped = keep.clone()
+    dropped[1, 0] = False
+    for backend in (TorchBackend(), TritonBackend()):
+        dest, src, counts = backend.dispatch_index(ids, keep, 3, None, kept_total=6)
+        want = TorchBackend().dispatch_index(ids.cpu(), keep.cpu(), 3, None)
+        assert [t.cpu().tolist() for t in (dest, src, counts)] == [t.tolist() for t in want]
+        if device.type == "cpu":
+            with pytest.raises((ValueError, RuntimeError), match="kept_total=6 was given"):
+                backend.dispatch_index(ids, dropped, 3, None, kept_total=6)
 
 
 # --------------------------------------------------------------------------------------------- GPU

@@ -78,3 +78,28 @@ def check_index_stats(out_of_range: int, max_count: int, num_experts: int, capac
             f"dispatch: an expert keeps more than capacity={capacity} tokens; "
             "the router's keep mask must enforce the capacity"
         )
+
+
+def kept_total_mismatch(kept_total: int) -> str:
+    return (
+        f"dispatch_index: kept_total={kept_total} was given, but the keep mask keeps a different number "
+        "of copies (pass kept_total only when every copy is kept)"
+    )
+
+
+def index_rows(stats: torch.Tensor, num_experts: int, capacity: int | None, kept_total: int | None) -> int:
+    """Rows of the permuted buffer, from a kernel's ``[kept total, max count, out-of-range ids]``.
+
+    Dropless with ``kept_total`` given: checked on the device, so the host never waits for the
+    kernel (a failed check is a device-side assert). Otherwise read back and checked on the host.
+    """
+    if capacity is None and kept_total is not None:
+        out_of_range = f"dispatch_index: expert_ids of kept copies must lie in [0, {num_experts})"
+        torch._assert_async(stats[2] == 0, out_of_range)
+        torch._assert_async(stats[0] == kept_total, kept_total_mismatch(kept_total))
+        return kept_total
+    kept, max_count, out_of_range = stats.tolist()
+    check_index_stats(out_of_range, max_count, num_experts, capacity)
+    if kept_total is not None and kept != kept_total:
+        raise ValueError(kept_total_mismatch(kept_total))
+    return num_experts * capacity if capacity is not None else kept

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from smile.kernels.common import check_combine_args, check_gather_args, check_index_args, check_index_stats
+from smile.kernels.common import check_combine_args, check_gather_args, check_index_args, index_rows
 
 try:
     from smile import _C
@@ -31,7 +31,12 @@ class CudaBackend:
     name = "cuda"
 
     def dispatch_index(
-        self, expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: int, capacity: int | None
+        self,
+        expert_ids: torch.Tensor,
+        keep: torch.Tensor,
+        num_experts: int,
+        capacity: int | None,
+        kept_total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         check_index_args(expert_ids, keep, num_experts, capacity)
         _check_cuda("dispatch_index", expert_ids)
@@ -39,9 +44,7 @@ class CudaBackend:
         expert, rank, offsets, base, counts, stats = _C.index_count(
             expert_ids, keep, num_experts, -1 if capacity is None else capacity
         )
-        kept_total, max_count, out_of_range = stats.tolist()
-        check_index_stats(out_of_range, max_count, num_experts, capacity)
-        num_rows = num_experts * capacity if capacity is not None else kept_total
+        num_rows = index_rows(stats, num_experts, capacity, kept_total)
         if k == 0:
             empty = torch.empty((tokens, 0), dtype=torch.long, device=expert_ids.device)
             return empty, torch.full((num_rows,), -1, dtype=torch.long, device=expert_ids.device), counts

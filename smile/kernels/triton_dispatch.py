@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from smile.kernels.common import check_combine_args, check_gather_args, check_index_args, check_index_stats
+from smile.kernels.common import check_combine_args, check_gather_args, check_index_args, index_rows
 
 # Copies ranked per program by a pairwise compare ([BLOCK, BLOCK] work, independent of E).
 _INDEX_BLOCK = 128
@@ -184,7 +184,12 @@ class TritonBackend:
                 )
 
     def dispatch_index(
-        self, expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: int, capacity: int | None
+        self,
+        expert_ids: torch.Tensor,
+        keep: torch.Tensor,
+        num_experts: int,
+        capacity: int | None,
+        kept_total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         check_index_args(expert_ids, keep, num_experts, capacity)
         self._check_device(expert_ids)
@@ -209,9 +214,7 @@ class TritonBackend:
         stats = torch.empty(3, **long)
         _expert_base_kernel[(1,)](counts, base, stats, num_experts, capacity or 0,
                                   DROPLESS=capacity is None, EP=triton.next_power_of_2(num_experts))
-        kept_total, max_count, out_of_range = stats.tolist()
-        check_index_stats(out_of_range, max_count, num_experts, capacity)
-        num_rows = num_experts * capacity if capacity is not None else kept_total
+        num_rows = index_rows(stats, num_experts, capacity, kept_total)
         src = torch.full((num_rows,), -1, **long)
         dest = torch.empty(n, **long)
         _write_index_kernel[(num_blocks,)](expert, rank, hist, base, dest, src, n, k, num_blocks,

@@ -544,35 +544,69 @@ def gpu_sections(results: Path) -> list[str]:
             lines += ["```", env.read_text().strip(), "```", ""]
         lines += [table.read_text().strip(), ""]
     for path in sorted(results.glob("moe_layer_h*.json")):
-        rep = load(path)
-        lines += [
-            f"## One MoE layer on one GPU ({rep['device']}, {rep['date']})",
-            "",
-            f"`python benchmarks/moe_layer_gpu_bench.py`, {rep['dtype']}, forward + backward, dropless "
-            f"smile layer (router, fused dispatch, grouped GEMM, fused combine) vs the torch loop and "
-            f"DeepSpeed-MoE "
-            f"(ep 1, cf 1.0, which drops overflow tokens while smile computes all) in the same run; "
-            f"torch {rep['torch']}; smile's dispatch ran on its Triton backend (the CUDA extension was "
-            f"not built in that run). Dense bf16 matmul ceiling measured in the same run: "
-            f"{rep['ceiling_tflops']:.0f} TFLOP/s. Expert TFLOP/s = 12 T k d ff / time.",
-            "",
-            "| T, d, ff, E, k | torch loop | DeepSpeed-MoE | smile (bmm) | smile | smile vs loop "
-            "| smile vs DeepSpeed |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in rep["rows"]:
-            ds = next(k[:-3] for k in r if k.startswith("deepspeed") and k.endswith("_ms"))
-            cells = [
-                f"{r[v + '_ms']:.2f} ms, {r[v + '_tflops']:.0f}"
-                for v in ("torch_loop", ds, "smile_bmm", "smile")
-            ]
+        lines += gpu_layer_section(load(path))
+    return lines
+
+
+GPU_LAYER_COLUMNS = {"torch_loop": "torch loop", "smile_bmm": "smile (bmm)", "smile_triton": "smile (triton)"}
+
+
+def gpu_layer_section(rep: dict) -> list[str]:
+    """One ``moe_layer_gpu_bench.py`` report: the side-by-side table, then with ``--profile`` where
+    smile's step goes (kernel categories) and each expert stage alone per GEMM strategy."""
+    rows = rep["rows"]
+    backend = rows[0].get("dispatch_backend")
+    backend_text = (
+        f"smile's dispatch ran on its {backend} backend"
+        if backend
+        else "smile's dispatch ran on its Triton backend (the CUDA extension was not built in that run)"
+    )
+    ds = next(k[:-3] for k in rows[0] if k.startswith("deepspeed") and k.endswith("_ms"))
+    columns = [c for c in ("torch_loop", ds, "smile_bmm", "smile_triton") if c + "_ms" in rows[0]]
+    names = [GPU_LAYER_COLUMNS.get(c, "DeepSpeed-MoE") for c in columns]
+    names.append(f"smile ({rows[0]['gemm']}, auto)")
+    lines = [
+        f"## One MoE layer on one GPU ({rep['device']}, {rep['date']})",
+        "",
+        f"`python benchmarks/moe_layer_gpu_bench.py`, {rep['dtype']}, forward + backward, dropless "
+        f"smile layer (router, fused dispatch, grouped GEMM, fused combine) vs the torch loop and "
+        f"DeepSpeed-MoE (ep 1, cf 1.0, which drops overflow tokens while smile computes all) in the same "
+        f"run; torch {rep['torch']}; {backend_text}. Dense bf16 matmul ceiling measured in the same run: "
+        f"{rep['ceiling_tflops']:.0f} TFLOP/s. Expert TFLOP/s = 12 T k d ff / time.",
+        "",
+        "| T, d, ff, E, k | " + " | ".join(names) + " | smile vs loop | smile vs DeepSpeed |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for r in rows:
+        cells = [f"{r[c + '_ms']:.2f} ms, {r[c + '_tflops']:.0f}" for c in [*columns, "smile"]]
+        lines.append(
+            f"| {_shape(r)} | "
+            + " | ".join(cells)
+            + f" | {r['torch_loop_ms'] / r['smile_ms']:.2f}x | {r[ds + '_ms'] / r['smile_ms']:.2f}x |"
+        )
+    lines.append("")
+    for r in rows:
+        if "profile_smile" in r:
+            prof = r["profile_smile"]
+            total = prof["total_ms"]
+            parts = ", ".join(f"{name} {ms:.2f} ms ({ms / total:.0%})" for name, ms in prof["ms"].items())
             lines.append(
-                f"| {r['T']}, {r['d_model']}, {r['d_ff']}, {r['E']}, {r['k']} | "
-                + " | ".join(cells)
-                + f" | {r['torch_loop_ms'] / r['smile_ms']:.2f}x | {r[ds + '_ms'] / r['smile_ms']:.2f}x |"
+                f"- {_shape(r)}, smile's step by kernel (torch.profiler): {total:.2f} ms = {parts}; "
+                f"{prof['gemm_tflops']:.0f} TFLOP/s inside the GEMM kernels."
             )
+        for name, stages in r.get("expert_stages", {}).items():
+            parts = ", ".join(
+                f"{stage.replace('_', ' ')} {v['ms']:.2f} ms ({v['tflops']:.0f})"
+                for stage, v in stages.items()
+            )
+            lines.append(f"- {_shape(r)}, expert stages alone, {name}: {parts} (ms, TFLOP/s).")
+    if lines[-1]:
         lines.append("")
     return lines
+
+
+def _shape(r: dict) -> str:
+    return f"{r['T']}, {r['d_model']}, {r['d_ff']}, {r['E']}, {r['k']}"
 
 
 def render(results: Path) -> tuple[str, cm.FitResult, dict]:

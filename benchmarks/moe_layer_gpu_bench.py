@@ -6,7 +6,9 @@ Every layer is timed in the same run with triton.testing.do_bench (median), afte
 was checked against the torch loop on the same weights. Prints a table; writes JSON.
 ``--profile`` also breaks smile's step down by kernel (GEMMs, dispatch and combine, elementwise,
 other) with torch.profiler, and gives the TFLOP/s inside the GEMM kernels alone: it says whether
-the GEMMs themselves or the time around them limit the layer.
+the GEMMs themselves or the time around them limit the layer. It then times the expert FFN's three
+autograd stages alone (forward, input gradients, weight gradients: two grouped GEMMs each, the
+first two with the activation) for every GEMM strategy, which names the slow GEMM.
 
     python benchmarks/moe_layer_gpu_bench.py --profile --json results.json
     python benchmarks/moe_layer_gpu_bench.py --device cpu --tiny     # smoke run anywhere
@@ -15,6 +17,7 @@ the GEMMs themselves or the time around them limit the layer.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -26,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from smile.dispatch import get_backend
 from smile.layer import MoELayer
 
 SHAPES = [  # T, d_model, d_ff, E, k
@@ -118,6 +122,10 @@ def timed(fn: Callable[[], None], device: str) -> float:
     return (time.perf_counter() - start) / 3 * 1e3
 
 
+def _output(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)[0]
+
+
 def fwd_bwd(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor):
     def run() -> None:
         forward(x).backward(grad)
@@ -154,6 +162,32 @@ def profile_breakdown(run: Callable[[], None], device: str, expert_flops: float,
         "gemm_tflops": expert_flops / categories["gemm"] / 1e9 if categories["gemm"] else float("nan"),
         "top": [[name[:80], ms] for name, ms in top],
     }
+
+
+def expert_stages(layer: MoELayer, x: torch.Tensor, device: str) -> dict[str, dict[str, float]]:
+    """ms and TFLOP/s of each autograd stage of the layer's expert FFN alone, on the rows and group
+    sizes the layer's router gives ``x`` (4 * rows * d * ff FLOPs per stage with GELU)."""
+    ffn = layer.experts
+    with torch.no_grad():
+        ids = layer.router(x).expert_ids.reshape(-1)
+        counts = torch.zeros(ffn.num_local, dtype=torch.long, device=x.device).scatter_add_(
+            0, ids, torch.ones_like(ids)
+        )
+        rows = torch.randn(ids.numel(), ffn.d_model, device=x.device, dtype=x.dtype)
+        out, saved = ffn.forward_rows(rows, counts)
+        grad_rows, wgrad_rows = ffn.backward_rows(torch.randn_like(out), saved, counts)
+    runs = {
+        "forward": lambda: ffn.forward_rows(rows, counts),
+        "input_grads": lambda: ffn.backward_rows(out, saved, counts),
+        "weight_grads": lambda: ffn.weight_grads(wgrad_rows, counts),
+    }
+    flops = 4 * ids.numel() * ffn.d_model * ffn.d_ff
+    stages = {}
+    for name, run in runs.items():
+        with torch.no_grad():
+            ms = timed(run, device)
+        stages[name] = {"ms": ms, "tflops": flops / ms / 1e9}
+    return stages
 
 
 def dense_ceiling(device: str, dtype: torch.dtype) -> float:
@@ -193,20 +227,18 @@ def bench_shape(shape, device: str, dtype: torch.dtype, cf: float, profile: bool
         "E": experts,
         "k": k,
         "gemm": layer.experts.resolve_gemm(x.detach()),
+        "dispatch_backend": get_backend(layer.backend_name, x.device).name,
     }
     with torch.no_grad():
         ref = torch_loop(layer, x).float()
         got = layer(x)[0].float()
     row["rel_err_vs_loop"] = float((got - ref).norm() / ref.norm())
-    padded = build("bmm")
-    variants = {
-        "torch_loop": fwd_bwd(lambda t: torch_loop(layer, t), x, grad),
-        "smile": fwd_bwd(lambda t: layer(t)[0], x, grad),
-        "smile_bmm": fwd_bwd(lambda t: padded(t)[0], x, grad),
-    }
+    smiles = {"smile": layer, "smile_bmm": build("bmm")}
     if device == "cuda":
-        triton_layer = build("triton")
-        variants["smile_triton"] = fwd_bwd(lambda t: triton_layer(t)[0], x, grad)
+        smiles["smile_triton"] = build("triton")
+    variants = {"torch_loop": fwd_bwd(lambda t: torch_loop(layer, t), x, grad)}
+    for name, built in smiles.items():
+        variants[name] = fwd_bwd(functools.partial(_output, built), x, grad)
     try:
         ds = deepspeed_layer(d, ff, experts, k, cf)
     except Exception as err:  # noqa: BLE001 - report and go on with the other layers
@@ -218,6 +250,10 @@ def bench_shape(shape, device: str, dtype: torch.dtype, cf: float, profile: bool
     if profile:
         try:
             row["profile_smile"] = profile_breakdown(variants["smile"], device, flops)
+            row["expert_stages"] = {
+                f"{name} ({built.experts.resolve_gemm(x.detach())})": expert_stages(built, x.detach(), device)
+                for name, built in smiles.items()
+            }
         except Exception as err:  # noqa: BLE001 - the timings below still stand without it
             print(f"profiling smile failed at {shape}: {err!r}")
     for name, run in variants.items():
@@ -259,6 +295,15 @@ def main() -> None:
         shape = f"{r['T']},{r['d_model']},{r['d_ff']},{r['E']},{r['k']}"
         print(f"{shape:24}{cells}{r['torch_loop_ms'] / r['smile_ms']:10.2f}x{r['gemm']:>11}")
     for r in rows:
+        for name, stages in r.get("expert_stages", {}).items():
+            parts = ", ".join(
+                f"{stage} {v['ms']:.2f} ms ({v['tflops']:.0f} TF)" for stage, v in stages.items()
+            )
+            together = sum(v["ms"] for v in stages.values())
+            print(
+                f"experts alone, {r['T']},{r['d_model']},{r['d_ff']},{r['E']},{r['k']}, {name}: {parts}; "
+                f"together {together:.2f} ms"
+            )
         if "profile_smile" in r:
             p = r["profile_smile"]
             parts = ", ".join(

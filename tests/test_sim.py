@@ -413,6 +413,43 @@ def test_gpu_layer_profile_splits_the_step_by_kernel_category():
     assert len(prof["top"]) == 5 and all(ms >= 0 for _, ms in prof["top"])
 
 
+def test_gpu_layer_times_each_expert_stage_alone():
+    from smile.layer import MoELayer
+
+    layer = MoELayer(16, 32, 4, router="topk", k=2, capacity_factor=None)
+    stages = moe_layer_gpu_bench.expert_stages(layer, torch.randn(64, 16), "cpu")
+    assert list(stages) == ["forward", "input_grads", "weight_grads"]
+    for stage in stages.values():
+        assert stage["ms"] > 0
+        assert stage["tflops"] == pytest.approx(4 * 64 * 2 * 16 * 32 / stage["ms"] / 1e9)
+
+
+def test_gpu_layer_report_renders_every_column_and_the_limiter_lines():
+    timing = {f"{v}_{unit}": value for v, ms in (("torch_loop", 20.0), ("deepspeed_cf1.0", 16.0),
+              ("smile_bmm", 12.0), ("smile_triton", 11.0), ("smile", 10.0))
+              for unit, value in (("ms", ms), ("tflops", 100.0 / ms))}
+    row = {"T": 16, "d_model": 8, "d_ff": 32, "E": 4, "k": 2, "gemm": "grouped_mm", **timing}
+    stages = {"forward": {"ms": 2.0, "tflops": 700.0}, "input_grads": {"ms": 2.5, "tflops": 560.0},
+              "weight_grads": {"ms": 4.0, "tflops": 350.0}}
+    profiled = row | {
+        "dispatch_backend": "cuda",
+        "profile_smile": {"total_ms": 10.0, "ms": {"gemm": 8.0, "dispatch+combine": 1.0, "elementwise": 1.0,
+                                                    "other": 0.0}, "gemm_tflops": 412.0, "top": []},
+        "expert_stages": {"smile (grouped_mm)": stages},
+    }
+    rep = {"device": "GPU X", "date": "2026-01-01", "dtype": "torch.bfloat16", "torch": "2.x",
+           "ceiling_tflops": 790.0, "rows": [profiled]}
+    text = "\n".join(make_results.gpu_layer_section(rep))
+    assert "| torch loop | DeepSpeed-MoE | smile (bmm) | smile (triton) | smile (grouped_mm, auto) |" in text
+    cells = "20.00 ms, 5 | 16.00 ms, 6 | 12.00 ms, 8 | 11.00 ms, 9 | 10.00 ms, 10"
+    assert f"| 16, 8, 32, 4, 2 | {cells} | 2.00x | 1.60x |" in text
+    assert "ran on its cuda backend" in text
+    assert "gemm 8.00 ms (80%)" in text and "412 TFLOP/s inside the GEMM kernels" in text
+    assert "forward 2.00 ms (700), input grads 2.50 ms (560), weight grads 4.00 ms (350)" in text
+    older = "\n".join(make_results.gpu_layer_section(rep | {"rows": [row]}))
+    assert "Triton backend (the CUDA extension was not built" in older and "by kernel" not in older
+
+
 def test_size_parsing():
     assert [all2all_bench.parse_size(s) for s in ("16K", "64M", "1000", "1.5KB")] == [
         16384,

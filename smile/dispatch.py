@@ -40,8 +40,9 @@ class DispatchBackend(Protocol):
         capacity: int | None,
         kept_total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``kept_total``: the number of kept copies when the caller knows it (dropless: T * k);
-        a dropless index then needs no host wait for the buffer's size (checked on the device)."""
+        """``kept_total``: the number of kept copies when the caller knows it (dropless: T * k).
+        The fused backends then build a dropless index without waiting for its size on the host
+        (they check the claim on the device); the reference reads the size back and checks it."""
         ...
 
     def gather_rows(self, x: torch.Tensor, src: torch.Tensor) -> torch.Tensor: ...

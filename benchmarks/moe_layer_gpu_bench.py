@@ -165,29 +165,32 @@ def profile_breakdown(run: Callable[[], None], device: str, expert_flops: float,
 
 
 def expert_stages(layer: MoELayer, x: torch.Tensor, device: str) -> dict[str, dict[str, float]]:
-    """ms and TFLOP/s of each autograd stage of the layer's expert FFN alone, on the rows and group
-    sizes the layer's router gives ``x`` (4 * rows * d * ff FLOPs per stage with GELU)."""
+    """ms and TFLOP/s of each autograd stage of the layer's expert FFN alone, on the group sizes
+    the layer's router gives ``x`` (4 * rows * d * ff FLOPs per stage with GELU)."""
     ffn = layer.experts
     with torch.no_grad():
-        ids = layer.router(x).expert_ids.reshape(-1)
-        counts = torch.zeros(ffn.num_local, dtype=torch.long, device=x.device).scatter_add_(
-            0, ids, torch.ones_like(ids)
-        )
-        rows = torch.randn(ids.numel(), ffn.d_model, device=x.device, dtype=x.dtype)
+        layer(x)
+        counts = layer.last_stats.tokens_per_expert  # one rank: every expert is local
+        rows = torch.randn(x.shape[0] * layer.router.k, ffn.d_model, device=x.device, dtype=x.dtype)
         out, saved = ffn.forward_rows(rows, counts)
-        grad_rows, wgrad_rows = ffn.backward_rows(torch.randn_like(out), saved, counts)
+        grad = torch.randn_like(out)
+        _, wgrad_rows = ffn.backward_rows(grad, saved, counts)
     runs = {
         "forward": lambda: ffn.forward_rows(rows, counts),
-        "input_grads": lambda: ffn.backward_rows(out, saved, counts),
+        "input_grads": lambda: ffn.backward_rows(grad, saved, counts),
         "weight_grads": lambda: ffn.weight_grads(wgrad_rows, counts),
     }
-    flops = 4 * ids.numel() * ffn.d_model * ffn.d_ff
+    flops = 4 * rows.shape[0] * ffn.d_model * ffn.d_ff
     stages = {}
     for name, run in runs.items():
         with torch.no_grad():
             ms = timed(run, device)
         stages[name] = {"ms": ms, "tflops": flops / ms / 1e9}
     return stages
+
+
+def _shape(r: dict) -> str:
+    return f"{r['T']},{r['d_model']},{r['d_ff']},{r['E']},{r['k']}"
 
 
 def dense_ceiling(device: str, dtype: torch.dtype) -> float:
@@ -292,8 +295,7 @@ def main() -> None:
     print(header, flush=True)
     for r in rows:
         cells = "".join(f"{r[v + '_ms']:9.2f} ms {r[v + '_tflops']:6.0f} TF" for v in variants)
-        shape = f"{r['T']},{r['d_model']},{r['d_ff']},{r['E']},{r['k']}"
-        print(f"{shape:24}{cells}{r['torch_loop_ms'] / r['smile_ms']:10.2f}x{r['gemm']:>11}")
+        print(f"{_shape(r):24}{cells}{r['torch_loop_ms'] / r['smile_ms']:10.2f}x{r['gemm']:>11}")
     for r in rows:
         for name, stages in r.get("expert_stages", {}).items():
             parts = ", ".join(
@@ -301,7 +303,7 @@ def main() -> None:
             )
             together = sum(v["ms"] for v in stages.values())
             print(
-                f"experts alone, {r['T']},{r['d_model']},{r['d_ff']},{r['E']},{r['k']}, {name}: {parts}; "
+                f"experts alone, {_shape(r)}, {name}: {parts}; "
                 f"together {together:.2f} ms"
             )
         if "profile_smile" in r:
@@ -310,7 +312,7 @@ def main() -> None:
                 f"{name} {ms:.2f} ms ({ms / max(p['total_ms'], 1e-9):.0%})" for name, ms in p["ms"].items()
             )
             print(
-                f"smile step by kernel, {r['T']},{r['d_model']},{r['d_ff']},{r['E']},{r['k']}: "
+                f"smile step by kernel, {_shape(r)}: "
                 f"{p['total_ms']:.2f} ms = {parts}; {p['gemm_tflops']:.0f} TFLOP/s inside the GEMMs; "
                 f"top: {'; '.join(f'{name} {ms:.2f} ms' for name, ms in p['top'])}"
             )

@@ -1,4 +1,4 @@
-"""Flat vs hierarchical All2All, as the MoE layer runs them (smile.comm dispatchers).
+"""Flat vs hierarchical All2All, as the MoE layer runs them (smile.moe.exchange dispatchers).
 
 For each message size (bytes each rank sends, spread evenly over every rank's one expert) it
 times ``dispatch`` of both dispatchers, count exchanges and regroup copies included,
@@ -30,7 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from smile.comm import FlatDispatcher, HierarchicalDispatcher
+from smile.moe.exchange import FlatDispatcher, HierarchicalDispatcher
 from smile.sim.cluster import report_layout, run_ranks
 
 KINDS = ("flat", "hierarchical")

@@ -108,7 +108,7 @@ def load_backends(names: list[str], device: str) -> dict[str, object]:
             backends[name] = TorchBackend()
         elif name == "triton":
             try:
-                from smile.kernels import TritonBackend
+                from smile.moe.kernels import TritonBackend
             except ImportError as err:
                 print(f"# triton backend unavailable: {err}")
                 continue
@@ -117,7 +117,7 @@ def load_backends(names: list[str], device: str) -> dict[str, object]:
             if device != "cuda":
                 continue
             try:
-                from smile.kernels.cuda import CudaBackend
+                from smile.moe.kernels.cuda import CudaBackend
             except ImportError as err:
                 print(f"# cuda backend unavailable: {err}")
                 continue
@@ -282,7 +282,7 @@ def table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cpu" and "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before smile.kernels imports triton
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before smile.moe.kernels imports triton
     rows, meta = run(args)
     text = table(rows)
     print(text)

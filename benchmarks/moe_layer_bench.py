@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smile.layer import AUTO_CHUNKS, MoELayer
+from smile.moe.layer import AUTO_CHUNKS, MoELayer
 from smile.sim.cluster import report_layout, run_ranks
 
 VARIANTS = ("switch+flat", "switch+hierarchical", "smile", "deepspeed")

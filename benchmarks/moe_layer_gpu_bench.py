@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from smile.dispatch import get_backend
-from smile.layer import MoELayer
+from smile.moe.layer import MoELayer
 
 SHAPES = [  # T, d_model, d_ff, E, k
     (16384, 2048, 8192, 8, 1),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from smile.sim.cluster import describe_environment
-from smile.topology import under_torchrun
+from smile.moe.topology import under_torchrun
 
 VARIANTS = {"switch": ("switch", "flat"), "smile": ("bilevel", "hierarchical")}
 

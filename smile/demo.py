@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from smile.layer import MoELayer
+from smile.moe.layer import MoELayer
 from smile.testing import run_distributed
 
 VARIANTS = {

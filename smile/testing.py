@@ -1,7 +1,7 @@
 """The one harness that runs a function on W gloo processes presented as nodes x GPUs.
 
 Tests, benchmarks and the demo all start simulated clusters through :func:`run_distributed`:
-each rank gets a :class:`~smile.topology.Topology`; the call returns every rank's result, or
+each rank gets a :class:`~smile.moe.topology.Topology`; the call returns every rank's result, or
 raises with the traceback of the rank that failed first (its peers' broken-connection errors
 come after it); a hung run is killed at ``timeout``.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from smile.topology import Topology
+from smile.moe.topology import Topology
 
 _GRACE_S = 3.0
 _SECONDARY = ("Connection reset", "Connection closed", "Read error", "Socket Timeout")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from smile.convert import MoESpec
+from smile.moe import MoEConfig
 from smile.runtime import ConfigError, TrainConfig
 
 MODALITIES = ("tabular", "text", "image")
@@ -91,7 +91,7 @@ class EncoderConfig:
         leaky ReLU, dropout 0.1).
     max_length: text truncation; pooling: "cls" (first token) or "mean" over the sequence
         ("pooler" uses the backbone's pooled output, e.g. ConvNeXt or ResNet).
-    moe: swap this backbone's FFNs for smile MoE layers (``smile.convert.moefy`` with the
+    moe: swap this backbone's FFNs for smile MoE layers (``smile.hf.moefy.moefy`` with the
         model's ``moe`` spec; the backbone family must be one moefy supports).
     """
 
@@ -175,7 +175,7 @@ class ModelConfig:
 
     encoders: list[EncoderConfig] = field(default_factory=list)
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    moe: MoESpec | None = None
+    moe: MoEConfig | None = None
 
     def validate(self, where: str = "model") -> None:
         if not self.encoders:

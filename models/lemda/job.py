@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smile.convert import moe_aux_loss, moe_modules, moefy
+from smile.hf import moefy
 from smile.models.lemda.batches import EvalBatches, TrainBatches
 from smile.models.lemda.config import JobConfig
 from smile.models.lemda.data import Table, image_root, load_split
@@ -41,7 +41,7 @@ from smile.runtime import (
     latest_checkpoint,
     load_weights,
 )
-from smile.topology import Topology
+from smile.moe.topology import Topology
 
 _BLOCK = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 _EMBEDDING = ("embed", "wte.", "wpe.")
@@ -136,9 +136,9 @@ def derive_train_config(cfg: JobConfig, model: LeMDA, world_size: int, train_row
     )
 
 
-def make_loss_fn(has_moe: bool):
-    """The Trainer's loss: LeMDA's summed losses in training (plus the MoE routers' auxiliary
-    loss when the backbones have MoE layers), cross-entropy of h(f) otherwise."""
+def make_loss_fn():
+    """The Trainer's loss: LeMDA's summed losses in training, cross-entropy of h(f) otherwise
+    (the Trainer adds the MoE routers' auxiliary loss when the backbones have MoE layers)."""
 
     def loss_fn(model: LeMDA, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, Any]]:
         labels = model.labels(batch)
@@ -147,10 +147,6 @@ def make_loss_fn(has_moe: bool):
         losses = model.training_step(batch)
         loss = losses.pop("loss")
         metrics: dict[str, Any] = {k: v.detach() for k, v in losses.items()}
-        if has_moe:
-            aux = moe_aux_loss(model)
-            loss = loss + aux
-            metrics["moe_aux"] = aux.detach()
         metrics["samples"] = labels.numel()
         return loss, metrics
 
@@ -189,10 +185,9 @@ class Job:
                 self.eval_table, self.featurizer, data.eval_batch_size, rank, world, data.num_workers
             )
 
-        has_moe = any(True for _ in moe_modules(self.model))
         return Trainer(
             self.model,
-            make_loss_fn(has_moe),
+            make_loss_fn(),
             train_config,
             train_data,
             eval_data,

@@ -14,8 +14,8 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from smile.experts import ExpertFFN
-from smile.layer import MoELayer
+from smile.moe.experts import ExpertFFN
+from smile.moe.layer import MoELayer
 
 FAMILIES: tuple[str, ...] = ("roberta", "t5")
 ATTENTION_ALIASES: tuple[str, ...] = ("q", "k", "v", "o")

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from smile.experts import is_expert_parameter
-from smile.layer import MoELayer
+from smile.moe.experts import is_expert_parameter
+from smile.moe.layer import MoELayer
 from smile.models.peft_design_spaces import backbones
 from smile.models.peft_design_spaces.allocation import LayerCosts, LayerPlan, plan_layers
 from smile.models.peft_design_spaces.attention import ATTENTION_NAME, PREFIX_ATTR

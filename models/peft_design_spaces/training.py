@@ -2,7 +2,7 @@
 
 One :class:`Experiment` prepares the data and tokenizer once; each :meth:`Experiment.train`
 builds a fresh backbone (a local ``from_pretrained`` directory, or a random tiny config for
-offline runs), optionally swaps its FFNs for smile MoE layers (``smile.convert.moefy``), applies
+offline runs), optionally swaps its FFNs for smile MoE layers (``smile.hf.moefy.moefy``), applies
 a design and trains only the PEFT parameters and the task head under DeepSpeed ZeRO. The
 frozen backbone runs in bf16 on GPUs while the optimizer keeps fp32 PEFT weights (the runtime's
 bf16 mode). What is saved besides the runtime's checkpoints is the PEFT artifact: PEFT + head
@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smile.convert import MoESpec, moe_aux_loss, moe_modules, moefy
-from smile.experts import is_expert_parameter
+from smile.hf import moefy
+from smile.moe import MoEConfig
+from smile.moe.experts import is_expert_parameter
 from smile.models.peft_design_spaces import backbones
 from smile.models.peft_design_spaces.config import DesignSpaceConfig
 from smile.models.peft_design_spaces.data import (
@@ -46,7 +47,7 @@ from smile.models.peft_design_spaces.search import DesignSpace, DesignSpaceSearc
 from smile.models.peft_design_spaces.tasks import TaskSpec
 from smile.runtime import TrainConfig, Trainer, config_to_dict, init_distributed
 from smile.runtime.distributed import gather_json
-from smile.topology import Topology
+from smile.moe.topology import Topology
 
 
 @dataclass
@@ -58,13 +59,13 @@ class ModelConfig:
         vocabulary and special-token ids come from the tokenizer).
     tokenizer: "backbone" loads the backbone directory's tokenizer; "word" builds a word-level
         one from the task's texts (only with random_config).
-    moe: swap dense FFNs for smile MoE layers (smile.convert; T5 family), or null.
+    moe: swap dense FFNs for smile MoE layers (smile.hf.moefy; T5 family), or null.
     """
 
     family: Literal["roberta", "t5"] = "roberta"
     random_config: dict[str, Any] = field(default_factory=dict)
     tokenizer: Literal["backbone", "word"] = "backbone"
-    moe: MoESpec | None = None
+    moe: MoEConfig | None = None
 
 
 @dataclass
@@ -153,9 +154,9 @@ def build_backbone(job: JobConfig, family: str, tokenizer, spec: TaskSpec) -> nn
     return T5ForConditionalGeneration(config)
 
 
-def make_loss_fn(family: str, has_moe: bool):
-    """Task loss only (T5: seq2seq cross-entropy; RoBERTa: classification / regression), plus the
-    routers' auxiliary loss when the FFNs are MoE layers."""
+def make_loss_fn(family: str):
+    """Task loss only (T5: seq2seq cross-entropy; RoBERTa: classification / regression); the
+    Trainer adds the routers' auxiliary loss when the FFNs are MoE layers."""
 
     def loss_fn(model: nn.Module, batch: dict, ctx) -> tuple[torch.Tensor, dict]:
         out = model(
@@ -164,10 +165,6 @@ def make_loss_fn(family: str, has_moe: bool):
         loss, metrics = out.loss, {"samples": batch["input_ids"].shape[0]}
         if family == "roberta" and out.logits.shape[-1] > 1:
             metrics["accuracy"] = (out.logits.argmax(-1) == batch["labels"]).float().mean().detach()
-        if has_moe:
-            aux = moe_aux_loss(model)
-            loss = loss + aux
-            metrics["aux_loss"] = aux.detach()
         return loss, metrics
 
     return loss_fn
@@ -286,10 +283,9 @@ class Experiment:
         return lambda rank, world: Batches(examples, mbs, pad, rank, world, train=train, seed=seed)
 
     def trainer(self, model: PEFTModel, train: TrainConfig) -> Trainer:
-        has_moe = any(True for _ in moe_modules(model))
         return Trainer(
             model,
-            make_loss_fn(self.family, has_moe),
+            make_loss_fn(self.family),
             train,
             self._batches(self.train_examples, True),
             eval_data=self._batches(self.eval_examples, False),

@@ -33,7 +33,7 @@ from smile.data.objectives import (
     span_counts,
 )
 from smile.data.sources import DocumentSource, open_source
-from smile.data.stream import Position, TokenCursor
+from smile.data.token_stream import Position, TokenCursor
 from smile.data.tokenizer import TextTokenizer, build_tokenizer
 
 STATE_FORMAT = 1

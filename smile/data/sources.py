@@ -24,7 +24,7 @@ import numpy as np
 from smile.data.config import DataConfig
 from smile.data.embedded import embedded_documents
 from smile.data.files import expand_paths, iter_file_documents
-from smile.data.streaming import open_c4, open_hf
+from smile.data.hub import open_c4, open_hf
 
 if TYPE_CHECKING:
     from datasets import IterableDataset

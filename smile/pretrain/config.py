@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from smile.convert import MoESpec
+from smile.moe import MoEConfig
 from smile.data import DataConfig
 from smile.runtime import (
     CheckpointConfig,
@@ -31,7 +31,7 @@ FAMILY_OBJECTIVE = {"t5": "span_corruption", "gpt2": "causal_lm", "llama": "caus
 
 @dataclass
 class ModelConfig:
-    """The transformers model that ``smile.convert.moefy`` makes MoE.
+    """The transformers model that ``smile.hf.moefy.moefy`` makes MoE.
 
     family: "t5" (encoder-decoder, span corruption, Switch-Transformer style), "gpt2" or
         "llama" (decoder-only, causal LM).
@@ -109,7 +109,7 @@ class JobConfig:
     """One pretraining run. ``train.micro_batch_size`` follows ``data.batch_size``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    moe: MoESpec = field(default_factory=MoESpec)
+    moe: MoEConfig = field(default_factory=lambda: MoEConfig(router="bilevel"))  # the job defaults to SMILE
     data: DataConfig = field(default_factory=_tiny_data)
     train: TrainConfig = field(default_factory=_tiny_train)
 
@@ -123,7 +123,7 @@ class JobConfig:
         self.train.micro_batch_size = self.data.batch_size
 
 
-SECTIONS = {"model": ModelConfig, "moe": MoESpec, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "data": DataConfig, "train": TrainConfig}
 
 
 def load_job(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:

@@ -17,7 +17,7 @@ from smile.data import build_dataloader, build_tokenizer
 from smile.pretrain.config import JobConfig, job_from_dict
 from smile.pretrain.model import build_model, check_fits, hf_config, parameter_summary, pretrain_loss
 from smile.runtime import FitResult, Trainer, init_distributed
-from smile.topology import Topology
+from smile.moe.topology import Topology
 
 
 def preflight(job: JobConfig, topology: Topology) -> dict[str, Any]:
@@ -74,13 +74,13 @@ def train_worker(topology: Topology, job_dict: dict[str, Any]) -> dict[str, Any]
 
 def _print_start(job: JobConfig, topology: Topology, params: dict[str, int]) -> None:
     moe = job.moe
-    capacity = moe.resolved_capacity() or "dropless"
+    capacity = moe.resolved_capacity_factor() or "dropless"
     data = job.data
     print(
         f"smile train: {topology.nodes} node(s) x {topology.gpus_per_node} GPU(s) "
         f"({topology.world_size} ranks, expert-parallel over {topology.ep_size})\n"
         f"  model: {job.model.family}, {moe.num_experts} experts every {moe.every} layers, router "
-        f"{moe.router}, dispatcher {moe.dispatcher_for(topology)}, capacity factor {capacity}\n"
+        f"{moe.router}, dispatcher {moe.resolved_dispatcher(topology)}, capacity factor {capacity}\n"
         f"  parameters: {params['total'] / 1e6:.2f}M, {params['active_per_token'] / 1e6:.2f}M per token\n"
         f"  data: {data.source}, {data.objective}, {data.batch_size} x {data.seq_len} tokens per rank\n"
         f"  run dir: {job.train.run_dir}",

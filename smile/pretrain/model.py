@@ -1,7 +1,7 @@
 """Build the job's MoE model from transformers, check it fits the data, and define its loss.
 
 The model is a transformers T5, GPT-2 or Llama built from ``ModelConfig`` (or loaded from a
-local directory) whose FFNs :func:`smile.convert.moefy` swaps for smile MoE layers; a local
+local directory) whose FFNs :func:`smile.hf.moefy.moefy` swaps for smile MoE layers; a local
 SwitchTransformers checkpoint is imported straight into the expert-parallel layout. Mismatches
 between tokenizer, data and model are reported by :func:`check_fits` before any weight exists.
 """
@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smile.convert import import_switch, moe_aux_loss, moe_dropped_fraction, moe_modules, moefy
+from smile.hf import import_switch, moe_dropped_fraction, moe_modules, moefy
 from smile.data import TextTokenizer
 from smile.data.objectives import compute_input_and_target_lengths
 from smile.pretrain.config import JobConfig
 from smile.runtime import ConfigError
-from smile.topology import Topology
+from smile.moe.topology import Topology
 
 
 def _init_kind(job: JobConfig) -> str | None:
@@ -169,7 +169,7 @@ def build_model(job: JobConfig, tokenizer: TextTokenizer, topology: Topology) ->
 
 
 def pretrain_loss(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Any):
-    """Cross-entropy on the loader's labels (already shifted) plus the routers' aux losses.
+    """Cross-entropy on the loader's labels (already shifted); the Trainer adds the aux losses.
 
     ``tokens`` counts what the model processed: encoder (unpadded) plus decoder tokens for
     span corruption, the input tokens for causal LM.
@@ -182,20 +182,18 @@ def pretrain_loss(model: nn.Module, batch: dict[str, torch.Tensor], ctx: Any):
         tokens = batch["input_ids"].numel()
     logits = model(**inputs).logits
     ce = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
-    aux = moe_aux_loss(model)
     metrics = {
         "ce": ce.detach(),
-        "aux": aux.detach(),
         "dropped": moe_dropped_fraction(model),
         "tokens": tokens,
         "samples": batch["input_ids"].shape[0],
     }
-    return ce + aux, metrics
+    return ce, metrics
 
 
 def parameter_summary(model: nn.Module, topology: Topology) -> dict[str, int]:
     """Parameters of the whole model (all experts) and those one token uses (k experts per layer)."""
-    from smile.experts import is_expert_parameter
+    from smile.moe.experts import is_expert_parameter
 
     dense = sum(p.numel() for p in model.parameters() if not is_expert_parameter(p))
     local_experts = sum(p.numel() for p in model.parameters() if is_expert_parameter(p))

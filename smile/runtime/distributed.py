@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from smile.runtime.config import DistConfig
-from smile.topology import Topology
+from smile.moe.topology import Topology
 
 
 def backend_for(cfg: DistConfig) -> str:

@@ -8,7 +8,7 @@ Here:
 
 * smile's topology groups are registered under DeepSpeed's name for them (``ep_size_<E>``), so
   the groups it reduces over are exactly ``topology.group("ep")`` / ``topology.group("edp")``;
-* every ``smile.experts.is_expert_parameter`` parameter is tagged (also for ZeRO-3 placement);
+* every ``smile.moe.experts.is_expert_parameter`` parameter is tagged (also for ZeRO-3 placement);
 * :class:`SmileEngine` sets ``has_moe_layers`` from those tags, computes the exact global gradient
   norm at stage 0 (DeepSpeed averages per-rank norms there), and lets ZeRO-3 partition the dense
   parameters over all ranks and each expert over its expert-data-parallel group, a placement
@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smile.experts import is_expert_parameter
-from smile.topology import Topology
+from smile.moe.experts import is_expert_parameter
+from smile.moe.topology import Topology
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Consolidated export to one transformers-style directory, and loading weights back.
 
 Export gathers ZeRO-3 partitions and every expert-parallel rank's experts (expert parameters
-are stacked over local experts along dim 0, as ``smile.experts.ExpertFFN`` stores them; the
+are stacked over local experts along dim 0, as ``smile.moe.experts.ExpertFFN`` stores them; the
 export holds all experts in global order). A model with ``save_pretrained`` (transformers)
 writes through it, so ``from_pretrained`` reads a dense model back directly; any other model
 gets ``model.safetensors`` and a ``config.json`` of its ``config`` attribute when it has one.
@@ -20,11 +20,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from smile.experts import is_expert_parameter
+from smile.moe.experts import is_expert_parameter
 from smile.runtime import checkpoint as ckpt
 from smile.runtime.distributed import device
 from smile.runtime.state import load_model_state, model_state
-from smile.topology import Topology
+from smile.moe.topology import Topology
 
 EXPORT_INFO = "smile_export.json"
 

@@ -92,16 +92,16 @@ def maybe_profile(enabled: bool, model: torch.nn.Module):
 
 @contextmanager
 def _labelled_modules(model: torch.nn.Module):
-    """Open a ``smile.router`` / ``smile.experts`` profiler region around those modules' forward."""
-    from smile.experts import ExpertFFN
-    from smile.routing import Router
+    """Open a ``smile.router`` / ``smile.moe.experts`` profiler region around those modules' forward."""
+    from smile.moe.experts import ExpertFFN
+    from smile.moe.routing import Router
 
     handles = []
     for module in model.modules():
         label = (
             "smile.router"
             if isinstance(module, Router)
-            else "smile.experts"
+            else "smile.moe.experts"
             if isinstance(module, ExpertFFN)
             else None
         )

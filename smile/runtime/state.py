@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from smile.experts import is_expert_parameter
+from smile.moe.experts import is_expert_parameter
 
 # Keys of DeepSpeed's ZeRO state dicts that hold Python objects. The loss scaler is static for
 # the fp32/bf16 runs this runtime makes (it is re-attached from the live optimizer on load);

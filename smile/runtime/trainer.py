@@ -1,7 +1,8 @@
 """The Trainer: one training loop on a DeepSpeed engine for the pretraining job and every method.
 
-A model plugs in with a loss function ``loss_fn(model, batch, ctx) -> loss | (loss, metrics)``;
-parallelism (ZeRO, expert groups), precision, accumulation, clipping, schedules, several
+A model plugs in with a loss function ``loss_fn(model, batch, ctx) -> loss | (loss, metrics)``
+returning the task loss (the Trainer adds the aux losses of every smile MoE layer in the model,
+logged as ``moe_aux``); parallelism (ZeRO, expert groups), precision, accumulation, clipping, schedules, several
 optimizers, evaluation, metrics, checkpoints and resume are the Trainer's job::
 
     topology = init_distributed(cfg.dist)            # before building an expert-parallel model
@@ -29,9 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smile.experts import is_expert_parameter
+from smile.moe import collect_aux_loss
+from smile.moe.experts import is_expert_parameter
 from smile.runtime import checkpoint as ckpt
-from smile.runtime.codec import decode, encode
+from smile.runtime.serialization import decode, encode
 from smile.runtime.config import TrainConfig, config_to_dict
 from smile.runtime.data import DataStream, Source, resolve
 from smile.runtime.distributed import backend_for, gather_json, init_distributed
@@ -62,7 +64,7 @@ from smile.runtime.state import (
     rng_state,
     seed_everything,
 )
-from smile.topology import Topology
+from smile.moe.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,12 @@ class _LossModule(nn.Module):
             raise TypeError(
                 f"loss_fn must return a scalar tensor (or (loss, metrics)), got {type(loss).__name__}"
             )
-        self.metrics = {k: (v.detach() if torch.is_tensor(v) else float(v)) for k, v in dict(metrics).items()}
+        metrics = dict(metrics)
+        aux = collect_aux_loss(self.model)  # every MoE layer's router losses, added here once
+        if aux is not None:
+            loss = loss + aux
+            metrics["moe_aux"] = aux
+        self.metrics = {k: (v.detach() if torch.is_tensor(v) else float(v)) for k, v in metrics.items()}
         return loss
 
 
@@ -346,6 +353,7 @@ class Trainer:
                     for key, value in self.eval_fn(self.model, self.eval_source, ctx).items():
                         sums[key] += float(value)
                         counts[key] += 1
+                    collect_aux_loss(self.model)  # eval's router losses never reach a training step
                 else:
                     for i, raw in enumerate(self.eval_source):
                         if self.config.eval_batches is not None and i >= self.config.eval_batches:

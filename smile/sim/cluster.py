@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TextIO
 
-from smile.topology import under_torchrun
+from smile.moe.topology import under_torchrun
 
 IFACE = "smilenet"  # the node's uplink inside every namespace (GLOO_SOCKET_IFNAME)
 _NS_RE = re.compile(r"^smile-(\d+)-(\d+)$")
@@ -360,7 +360,7 @@ def run_ranks(
     import torch
     import torch.distributed as dist
 
-    from smile.topology import Topology
+    from smile.moe.topology import Topology
 
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

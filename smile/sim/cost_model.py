@@ -4,7 +4,7 @@ Why: SMILE's claim is about clusters of hundreds of GPUs; this model extrapolate
 be measured (the emulated cluster of :mod:`smile.sim.cluster`) to such clusters, and is only as
 credible as its fit to those measurements, which :func:`fit_all2all` reports.
 
-It follows :mod:`smile.comm` exactly, per rank sending ``m`` bytes spread evenly over all ranks:
+It follows :mod:`smile.moe.exchange` exactly, per rank sending ``m`` bytes spread evenly over all ranks:
 
 * flat: a count exchange, then one All2All over W = N*G ranks: (N-1)*G inter-node peers and
   G-1 intra-node peers; a node's uplink carries ``G * m * (N-1)/N`` bytes; one regroup copy.

@@ -1,0 +1,273 @@
+"""Moving rows between ranks: All2All with autograd, flat (one hop) and hierarchical (two hops).
+
+The token dispatcher (:mod:`smile.moe.dispatcher`) owns one exchange. An exchange takes the permuted buffer (rows grouped by global expert, ``row_counts[e]`` rows
+for expert e) and returns the rows this rank's experts must process, in one canonical layout:
+grouped by local expert, then by source EP rank, then in the sender's order. Flat and
+hierarchical dispatch deliver the same rows in the same layout, so for the same routing plan
+their results are bit-identical; the hops run in reverse to send expert outputs back.
+
+* flat: one All2All over all W ranks of the EP group (W-1 peers per rank).
+* hierarchical (SMILE): an inter-node All2All among the N ranks sharing a local rank, a local
+  regroup by destination GPU, then an intra-node All2All among the G ranks of a node
+  ((N-1) + (G-1) peers per rank, each inter-node message G times larger).
+
+Row counts are exchanged before every hop (one small All2All of integers): only real rows
+travel, and ranks may hold different token counts, so no static exchange size exists. :meth:`Exchange.routes`
+does this once for all chunks of a layer's tokens; the pipelined layer (:mod:`smile.moe.pipeline`)
+drives the hops asynchronously through :meth:`Hop.start`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.profiler import record_function
+
+from smile.moe.payload import ExactCodec, PayloadCodec
+from smile.moe.topology import Topology
+
+EXACT = ExactCodec()
+
+
+@dataclass
+class Transfer:
+    """An All2All in flight; :meth:`finish` waits for it, decodes and applies the regroup."""
+
+    wire: torch.Tensor
+    work: object | None  # torch.distributed Work, None when nothing travels
+    codec: PayloadCodec
+    dtype: torch.dtype
+    index: torch.Tensor | None = None
+    sent: torch.Tensor | None = None  # keeps the send buffer alive until the exchange ends
+
+    def done(self) -> bool:
+        return self.work is None or self.work.is_completed()
+
+    def finish(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        out = self.codec.decode(self.wire, self.dtype)
+        return out if self.index is None else out.index_select(0, self.index)
+
+
+def start_exchange(
+    x: torch.Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    group,
+    codec: PayloadCodec = EXACT,
+    index: torch.Tensor | None = None,
+) -> Transfer:
+    """Start ``all_to_all_single`` of ``x`` encoded by ``codec``; ``index`` regroups on arrival."""
+    if group is None or dist.get_world_size(group) == 1:
+        return Transfer(x.clone(), None, EXACT, x.dtype, index)
+    wire = codec.encode(x).contiguous()
+    out = wire.new_empty((sum(out_splits), *wire.shape[1:]))
+    work = dist.all_to_all_single(out, wire, out_splits, in_splits, group=group, async_op=True)
+    return Transfer(out, work, codec, x.dtype, index, wire)
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` with variable splits; backward runs the reverse exchange.
+
+    ``codec`` is the wire format of the forward payload and ``grad_codec`` of the gradient;
+    quantisation is treated as the identity by autograd (straight-through).
+    """
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, codec, grad_codec):  # type: ignore[override]
+        ctx.splits, ctx.group, ctx.grad_codec = (out_splits, in_splits), group, grad_codec
+        return start_exchange(x, out_splits, in_splits, group, codec).finish()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        out_splits, in_splits = ctx.splits
+        grad = start_exchange(grad, in_splits, out_splits, ctx.group, ctx.grad_codec).finish()
+        return grad, None, None, None, None, None
+
+
+def all_to_all(
+    x: torch.Tensor,
+    out_splits: list[int],
+    in_splits: list[int],
+    group,
+    codec: PayloadCodec = EXACT,
+    grad_codec: PayloadCodec = EXACT,
+) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group, codec, grad_codec)
+
+
+def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
+    """Send ``counts[p]`` (any trailing shape) to peer p; return what each peer sent to us."""
+    if group is None or dist.get_world_size(group) == 1:
+        return counts.clone()
+    flat = counts.reshape(-1).contiguous()
+    out = torch.empty_like(flat)
+    dist.all_to_all_single(out, flat, group=group)
+    return out.view(counts.shape)
+
+
+def regroup_index(counts: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
+    """Row index that reorders variable-size blocks from ``counts``'s axis order to ``perm``'s.
+
+    Rows are laid out as blocks in row-major order of ``counts`` (block b has counts[b] rows);
+    the result gathers them so blocks follow ``counts.permute(perm)`` in row-major order.
+    """
+    flat = counts.reshape(-1)
+    starts = (torch.cumsum(flat, 0) - flat).view(counts.shape).permute(perm).reshape(-1)
+    sizes = counts.permute(perm).reshape(-1)
+    block = torch.repeat_interleave(torch.arange(sizes.numel(), device=counts.device), sizes)
+    new_starts = torch.cumsum(sizes, 0) - sizes
+    return starts[block] + torch.arange(block.numel(), device=counts.device) - new_starts[block]
+
+
+def _inverse(index: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(index.numel(), device=index.device)
+    return inverse
+
+
+@dataclass
+class Hop:
+    """One All2All hop and the regroup applied after it, remembered for the way back."""
+
+    group: object
+    send_splits: list[int]
+    recv_splits: list[int]
+    index: torch.Tensor | None  # regroup after arrival; None when the rows arrive in order
+    label: str  # profiler region: smile.a2a.<label>
+    dispatch_codec: PayloadCodec = EXACT
+    combine_codec: PayloadCodec = EXACT
+
+    def __post_init__(self) -> None:
+        if torch.equal(self.index, torch.arange(self.index.numel(), device=self.index.device)):
+            self.index = None  # the blocks already arrive in order: no regroup copy
+        self.inverse = None if self.index is None else _inverse(self.index)
+
+    def to_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """Send ``x`` toward the experts and regroup it (differentiable)."""
+        with record_function(f"smile.a2a.{self.label}"):
+            out = all_to_all(
+                x, self.recv_splits, self.send_splits, self.group, self.dispatch_codec, self.combine_codec
+            )
+            return out if self.index is None else out.index_select(0, self.index)
+
+    def from_experts(self, y: torch.Tensor) -> torch.Tensor:
+        """Undo the regroup and send ``y`` back toward its senders (differentiable)."""
+        with record_function(f"smile.a2a.{self.label}"):
+            if self.inverse is not None:
+                y = y.index_select(0, self.inverse)
+            return all_to_all(
+                y, self.send_splits, self.recv_splits, self.group, self.combine_codec, self.combine_codec
+            )
+
+    def start(self, x: torch.Tensor, toward_experts: bool, codec: PayloadCodec) -> Transfer:
+        """Asynchronous, autograd-free :meth:`to_experts` (``toward_experts``) or :meth:`from_experts`."""
+        with record_function(f"smile.a2a.{self.label}"):
+            if toward_experts:
+                return start_exchange(x, self.recv_splits, self.send_splits, self.group, codec, self.index)
+            if self.inverse is not None:
+                x = x.index_select(0, self.inverse)
+            return start_exchange(x, self.send_splits, self.recv_splits, self.group, codec)
+
+
+@dataclass
+class Route:
+    """How one chunk of rows reaches this rank's experts.
+
+    ``sources[i, s]`` rows arrive for local expert i from source EP rank s; the experts' input
+    is grouped by local expert, then source rank, then the sender's order.
+    """
+
+    hops: list[Hop]
+    sources: torch.Tensor  # [num_local, ep_size]
+
+    @functools.cached_property
+    def expert_counts(self) -> list[int] | torch.Tensor:
+        """Rows per local expert: on the host when rows travel (their splits are on the host
+        anyway), else left on the device so a single-GPU layer never waits for them."""
+        counts = self.sources.sum(1)
+        return counts.tolist() if self.hops else counts
+
+
+class Exchange:
+    """Moves rows between the permuted buffer and this rank's experts, in one or two hops."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        num_experts: int,
+        dispatch_codec: PayloadCodec = EXACT,
+        combine_codec: PayloadCodec = EXACT,
+    ) -> None:
+        self.dispatch_codec, self.combine_codec = dispatch_codec, combine_codec
+        self.topology = topology
+        self.num_experts = num_experts
+        self.num_local = num_experts // topology.ep_size
+
+    def routes(self, row_counts: torch.Tensor) -> list[Route]:
+        """Routes for chunks whose permuted buffers hold ``row_counts[c, e]`` rows per expert.
+
+        Exchanges the counts of all chunks at once (one small All2All per hop).
+        """
+        raise NotImplementedError
+
+    def _hop(self, label: str, group, send: list[int], recv: list[int], index: torch.Tensor) -> Hop:
+        return Hop(group, send, recv, index, label, self.dispatch_codec, self.combine_codec)
+
+
+def _sizes(counts: torch.Tensor) -> list[list[int]]:
+    """Rows per peer of each chunk from counts shaped ``[peer, chunk, ...]``."""
+    return counts.reshape(counts.shape[0], counts.shape[1], -1).sum(2).t().tolist()
+
+
+class FlatExchange(Exchange):
+    """One All2All over the whole EP group (Switch / GShard / DeepSpeed-MoE)."""
+
+    def routes(self, row_counts):
+        w, group = self.topology.ep_size, self.topology.group("ep")
+        send = row_counts.view(-1, w, self.num_local).transpose(0, 1)  # [dest rank, chunk, local expert]
+        recv = exchange_counts(send.contiguous(), group)  # [src rank, chunk, local expert]
+        routes = []
+        for c, (send_rows, recv_rows) in enumerate(zip(_sizes(send), _sizes(recv))):
+            index = regroup_index(recv[:, c], (1, 0))
+            routes.append(Route([self._hop("flat", group, send_rows, recv_rows, index)], recv[:, c].t()))
+        return routes
+
+
+class HierarchicalExchange(Exchange):
+    """SMILE's two hops: inter-node (same local rank), then intra-node."""
+
+    def routes(self, row_counts):
+        topo = self.topology
+        n, g, e = topo.ep_nodes, topo.gpus_per_node, self.num_local
+        inter, intra = topo.group("inter"), topo.group("intra")
+        send1 = row_counts.view(-1, n, g, e).transpose(0, 1)  # [dest node, chunk, dest gpu, local expert]
+        recv1 = exchange_counts(send1.contiguous(), inter)  # [src node, chunk, dest gpu, local expert]
+        send2 = recv1.permute(2, 1, 0, 3)  # [dest gpu, chunk, src node, local expert]
+        recv2 = exchange_counts(send2.contiguous(), intra)  # [src gpu, chunk, src node, local expert]
+        routes = []
+        sizes = zip(_sizes(send1), _sizes(recv1), _sizes(send2), _sizes(recv2))
+        for c, (send1_rows, recv1_rows, send2_rows, recv2_rows) in enumerate(sizes):
+            hop1 = self._hop("inter", inter, send1_rows, recv1_rows, regroup_index(recv1[:, c], (1, 0, 2)))
+            hop2 = self._hop("intra", intra, send2_rows, recv2_rows, regroup_index(recv2[:, c], (2, 1, 0)))
+            # Source EP rank = node * g + gpu: [local expert, src node, src gpu] -> [local expert, src rank].
+            routes.append(Route([hop1, hop2], recv2[:, c].permute(2, 1, 0).reshape(e, -1)))
+        return routes
+
+
+class LocalExchange(Exchange):
+    """Single process: every expert is local, nothing moves."""
+
+    def routes(self, row_counts):
+        return [Route([], counts.view(-1, 1)) for counts in row_counts]
+
+
+EXCHANGES: dict[str, type[Exchange]] = {
+    "flat": FlatExchange,
+    "hierarchical": HierarchicalExchange,
+    "local": LocalExchange,
+}

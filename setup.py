@@ -1,4 +1,4 @@
-"""Builds the optional CUDA dispatch extension (smile._C) only where CUDA can build it.
+"""Builds the optional CUDA dispatch extension (smile.moe._C) only where CUDA can build it.
 
 A plain CPU install (no nvcc, or a CPU build of torch) skips the extension silently; smile then
 uses its Triton or pure-torch dispatch backends.
@@ -24,7 +24,7 @@ def _cuda_extensions() -> tuple[list, dict]:
     if not sources:
         return [], {}
     ext = CUDAExtension(
-        "smile._C",
+        "smile.moe._C",
         sources,
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
     )

@@ -30,7 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from smile.moe.exchange import FlatDispatcher, HierarchicalDispatcher
+from smile.moe.exchange import FlatExchange, HierarchicalExchange
 from smile.sim.cluster import report_layout, run_ranks
 
 KINDS = ("flat", "hierarchical")
@@ -66,17 +66,25 @@ def _slowest(times: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def _time_dispatch(dispatcher, x: torch.Tensor, counts: torch.Tensor, device: torch.device) -> list[float]:
-    """Seconds from the common start to the end of each stage of one ``dispatch``: the count
-    exchanges (``plan``), then each hop; the last is the whole dispatch."""
+def _to_experts(exchange, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The rows this rank's experts receive (what the token dispatcher's exchange delivers)."""
+    (route,) = exchange.routes(counts.view(1, -1))
+    for hop in route.hops:
+        x = hop.to_experts(x)
+    return x
+
+
+def _time_dispatch(exchange, x: torch.Tensor, counts: torch.Tensor, device: torch.device) -> list[float]:
+    """Seconds from the common start to the end of each stage of one dispatch: the count
+    exchanges (``routes``), then each hop; the last is the whole dispatch."""
     _sync(device)
     dist.barrier()
     start = time.perf_counter()
-    (route,) = dispatcher.plan(counts.view(1, -1))
+    (route,) = exchange.routes(counts.view(1, -1))
     _sync(device)
     ends = [time.perf_counter() - start]
     for hop in route.hops:
-        x = hop.forward(x)
+        x = hop.to_experts(x)
         _sync(device)
         ends.append(time.perf_counter() - start)
     return ends
@@ -88,14 +96,14 @@ def all2all_worker(topo, cfg: dict) -> dict:
     dtype = getattr(torch, cfg["dtype"])
     w = topo.ep_size
     row_bytes = cfg["hidden"] * torch.finfo(dtype).bits // 8
-    dispatchers = {"flat": FlatDispatcher(topo, w), "hierarchical": HierarchicalDispatcher(topo, w)}
+    dispatchers = {"flat": FlatExchange(topo, w), "hierarchical": HierarchicalExchange(topo, w)}
     gen = torch.Generator().manual_seed(1234 + topo.rank)
     table = []
     for size in cfg["sizes"]:
         per_peer = max(1, size // (row_bytes * w))
         x = torch.randn(per_peer * w, cfg["hidden"], generator=gen).to(device, dtype)
         counts = torch.full((w,), per_peer, dtype=torch.int64, device=device)
-        outs = {k: d.dispatch(x, counts)[0] for k, d in dispatchers.items()}  # warm-up and check
+        outs = {k: _to_experts(d, x, counts) for k, d in dispatchers.items()}  # warm-up and check
         if not torch.equal(outs["flat"], outs["hierarchical"]):
             raise AssertionError(f"flat and hierarchical dispatch differ at {size} bytes per rank")
         del outs

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from smile.dispatch import TorchBackend
+from smile.moe.kernels import TorchBackend
 
 GPU_SHAPES = [  # (tokens, hidden, experts, k); the first two are the anchors
     (16384, 4096, 64, 2),
@@ -69,12 +69,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="bf16,fp32", help=f"comma list from {sorted(DTYPES)}")
     p.add_argument("--shapes", default=None, help="T:H:E:k,... (default: the built-in list for the device)")
     p.add_argument("--backends", default="torch,triton,cuda", help="comma list from torch,triton,cuda")
-    p.add_argument(
-        "--capacity-factor",
-        type=float,
-        default=None,
-        help="padded layout with capacity ceil(cf*T*k/E) (default: dropless)",
-    )
     p.add_argument("--copy-gib", type=float, default=2.0, help="size of the copy-ceiling buffer on GPU")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
@@ -144,19 +138,13 @@ def make_timer(device: str, warmup: int, rep: int) -> Callable[[Callable[[], obj
     return wall
 
 
-def routing(tokens: int, k: int, experts: int, capacity_factor: float | None, device: str, seed: int):
-    """Top-k expert ids (distinct per token), all copies kept up to the capacity if one is given."""
+def routing(tokens: int, k: int, experts: int, device: str, seed: int):
+    """Top-k expert ids (distinct per token), every copy kept (the dropless layout)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     scores = torch.rand(tokens, experts, generator=gen, device=device)
     ids = scores.topk(k, dim=1).indices
     keep = torch.ones(tokens, k, dtype=torch.bool, device=device)
-    capacity = None
-    if capacity_factor is not None:
-        capacity = max(1, int(-(-capacity_factor * tokens * k // experts)))
-        onehot = torch.nn.functional.one_hot(ids.reshape(-1), experts)
-        rank = (onehot.cumsum(0) - onehot).gather(1, ids.reshape(-1, 1)).view_as(ids)
-        keep = rank < capacity
-    return ids, keep, capacity
+    return ids, keep
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -164,13 +152,13 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.float() - want.float()).abs().max().item() / max(scale, 1e-30)
 
 
-def check_backend(backend, shape, dtype, capacity_factor, device: str, seed: int) -> dict[str, str]:
+def check_backend(backend, shape, dtype, device: str, seed: int) -> dict[str, str]:
     """Compare each op with the torch reference on fresh random inputs; returns op -> verdict."""
     ref = TorchBackend()
     tokens, hidden, experts, k = shape
-    ids, keep, capacity = routing(tokens, k, experts, capacity_factor, device, seed)
-    want_index = ref.dispatch_index(ids, keep, experts, capacity)
-    got_index = backend.dispatch_index(ids, keep, experts, capacity)
+    ids, keep = routing(tokens, k, experts, device, seed)
+    want_index = ref.dispatch_index(ids, keep, experts)
+    got_index = backend.dispatch_index(ids, keep, experts)
     same = all(torch.equal(g, w) for g, w in zip(got_index, want_index))
     verdict = {"index": "ok" if same else "FAIL: dest/src/counts differ"}
     dest, src, _ = want_index
@@ -197,8 +185,8 @@ def bench_case(shape, dtype_name: str, backends: dict, args: argparse.Namespace,
     """Check, then time index / permute / combine of every backend on one shape and dtype."""
     device, dtype = args.device, DTYPES[dtype_name]
     tokens, hidden, experts, k = shape
-    ids, keep, capacity = routing(tokens, k, experts, args.capacity_factor, device, seed=0)
-    dest, src, _ = TorchBackend().dispatch_index(ids, keep, experts, capacity)
+    ids, keep = routing(tokens, k, experts, device, seed=0)
+    dest, src, _ = TorchBackend().dispatch_index(ids, keep, experts)
     x = torch.randn(tokens, hidden, device=device).to(dtype)
     y = torch.randn(src.numel(), hidden, device=device).to(dtype)
     gates = torch.rand(tokens, k, device=device)
@@ -210,9 +198,9 @@ def bench_case(shape, dtype_name: str, backends: dict, args: argparse.Namespace,
     }
     rows, torch_ms = [], {}
     for name, backend in backends.items():
-        verdict = check_backend(backend, shape, dtype, args.capacity_factor, device, seed=1)
+        verdict = check_backend(backend, shape, dtype, device, seed=1)
         ops = {
-            "index": lambda b=backend: b.dispatch_index(ids, keep, experts, capacity),
+            "index": lambda b=backend: b.dispatch_index(ids, keep, experts),
             "permute": lambda b=backend: b.gather_rows(x, src),
             "combine": lambda b=backend: b.combine(y, dest, gates),
         }
@@ -242,7 +230,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict]:
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "copy": {"bytes": copy_bytes, "ms": copy_ms, "tbps": copy_tbps},
-        "capacity_factor": args.capacity_factor,
+        "layout": "dropless (every copy kept)",
         "timing": "triton.testing.do_bench median" if device == "cuda" else "wall-clock median of 5 (smoke)",
         "permute_excludes_index": True,
     }

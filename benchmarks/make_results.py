@@ -18,7 +18,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from smile.moe.layer import AUTO_CHUNKS
+from smile.moe.config import AUTO_CHUNKS
 from smile.sim import cost_model as cm
 from smile.sim.cluster import ClusterConfig, EmulatedCluster, raise_on_sigterm
 

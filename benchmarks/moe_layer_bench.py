@@ -43,7 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smile.moe.layer import AUTO_CHUNKS, MoELayer
+from smile.moe import MoELayer
+from smile.moe.config import AUTO_CHUNKS
 from smile.sim.cluster import report_layout, run_ranks
 
 VARIANTS = ("switch+flat", "switch+hierarchical", "smile", "deepspeed")
@@ -118,10 +119,9 @@ class _DeepSpeedAdapter(nn.Module):
 def build_layer(name: str, topo, cfg: dict) -> nn.Module:
     if name == "deepspeed":
         return _DeepSpeedAdapter(topo, cfg)
-    options = layer_options(name, cfg)
-    return MoELayer(
-        cfg["d_model"], cfg["d_ff"], cfg["experts_per_rank"] * topo.ep_size, k=1, topology=topo, **options
-    )
+    options = layer_options(name, cfg)  # top-1 everywhere: switch's k and bilevel's k_node x k_gpu are 1
+    experts = cfg["experts_per_rank"] * topo.ep_size
+    return MoELayer(cfg["d_model"], cfg["d_ff"], experts, topology=topo, **options)
 
 
 def _uplink_counter() -> Path | None:

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from smile.dispatch import get_backend
+from smile.moe.kernels import get_backend
 from smile.moe.layer import MoELayer
 
 SHAPES = [  # T, d_model, d_ff, E, k
@@ -230,7 +230,7 @@ def bench_shape(shape, device: str, dtype: torch.dtype, cf: float, profile: bool
         "E": experts,
         "k": k,
         "gemm": layer.experts.resolve_gemm(x.detach()),
-        "dispatch_backend": get_backend(layer.backend_name, x.device).name,
+        "dispatch_backend": get_backend(layer.dispatcher.backend_name, x.device).name,
     }
     with torch.no_grad():
         ref = torch_loop(layer, x).float()

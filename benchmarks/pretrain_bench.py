@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from smile.sim.cluster import describe_environment
 from smile.moe.topology import under_torchrun
+from smile.sim.cluster import describe_environment
 
 VARIANTS = {"switch": ("switch", "flat"), "smile": ("bilevel", "hierarchical")}
 

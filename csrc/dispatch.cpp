@@ -1,8 +1,8 @@
 // Torch bindings of the fused token-dispatch ops (module smile._C); kernels in dispatch_kernels.cu.
 //
-// dispatch_index is split in two calls so the host (smile.kernels.cuda) can read the counts once,
-// raise Python errors for capacity overflow or out-of-range ids, and size the src buffer:
-//   index_count(expert_ids, keep, num_experts, capacity) -> [expert, rank, offsets, base, counts, stats]
+// dispatch_index is split in two calls so the host (smile.moe.kernels.cuda) can read the counts once,
+// raise Python errors for out-of-range ids, and size the (dropless) src buffer:
+//   index_count(expert_ids, keep, num_experts)            -> [expert, rank, offsets, base, counts, stats]
 //   index_write(expert, rank, offsets, base, num_rows, k)  -> [dest, src]
 
 #include <c10/cuda/CUDAGuard.h>
@@ -25,9 +25,8 @@ void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* nam
               b.device(), ") must be on the same device");
 }
 
-// capacity < 0 means dropless. stats = [kept total, max count, kept copies with an out-of-range id].
-std::vector<at::Tensor> index_count(const at::Tensor& expert_ids, const at::Tensor& keep, int64_t num_experts,
-                                    int64_t capacity) {
+// Dropless layout: base[e] = rows of experts before e. stats = [kept total, kept copies with an out-of-range id].
+std::vector<at::Tensor> index_count(const at::Tensor& expert_ids, const at::Tensor& keep, int64_t num_experts) {
   check_cuda(expert_ids, "expert_ids");
   check_same_device(expert_ids, keep, "expert_ids", "keep");
   TORCH_CHECK(expert_ids.dim() == 2, "smile._C: expert_ids must be [T, k], got ", expert_ids.sizes());
@@ -49,9 +48,8 @@ std::vector<at::Tensor> index_count(const at::Tensor& expert_ids, const at::Tens
   at::Tensor offsets = (at::cumsum(hist, 1, at::kInt) - hist).contiguous();
   at::Tensor counts_all = hist.sum(1, /*keepdim=*/false, at::kLong);
   at::Tensor counts = counts_all.narrow(0, 0, num_experts).contiguous();
-  at::Tensor base = capacity >= 0 ? at::arange(num_experts, ids.options()) * capacity
-                                  : at::cumsum(counts, 0) - counts;
-  at::Tensor stats = at::stack({counts.sum(), counts.max(), counts_all[num_experts]});
+  at::Tensor base = at::cumsum(counts, 0) - counts;
+  at::Tensor stats = at::stack({counts.sum(), counts_all[num_experts]});
   return {expert, rank, offsets, base.contiguous(), counts, stats};
 }
 
@@ -66,7 +64,7 @@ std::vector<at::Tensor> index_write(const at::Tensor& expert, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(expert.device());
   const auto long_opts = expert.options().dtype(at::kLong);
   at::Tensor dest = at::empty({expert.numel()}, long_opts);
-  at::Tensor src = at::full({num_rows}, -1, long_opts);
+  at::Tensor src = at::empty({num_rows}, long_opts);  // every row gets its kept copy's token
   if (expert.numel() > 0) launch_write_index(expert, rank, offsets, base, dest, src, k);
   return {dest, src};
 }
@@ -115,7 +113,7 @@ at::Tensor combine(const at::Tensor& y, const at::Tensor& dest, const std::optio
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "smile fused token-dispatch kernels (CUDA)";
   m.def("index_count", &smile::index_count, "per-block ranks, offsets, expert bases, counts and stats",
-        py::arg("expert_ids"), py::arg("keep"), py::arg("num_experts"), py::arg("capacity"));
+        py::arg("expert_ids"), py::arg("keep"), py::arg("num_experts"));
   m.def("index_write", &smile::index_write, "dest [T*k] and src [num_rows] from index_count's tensors",
         py::arg("expert"), py::arg("rank"), py::arg("offsets"), py::arg("base"), py::arg("num_rows"),
         py::arg("k"));

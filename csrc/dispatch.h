@@ -20,7 +20,8 @@ void launch_rank_in_block(const at::Tensor& ids, const at::Tensor& keep, at::Ten
 void launch_write_index(const at::Tensor& expert, const at::Tensor& rank, const at::Tensor& offsets,
                         const at::Tensor& base, at::Tensor& dest, at::Tensor& src, int64_t k);
 
-// out[r] = x[src[r]] (zeros where src[r] < 0); a byte copy, widest aligned vector.
+// out[r] = x[src[r]] (zeros where src[r] < 0: a bounds guard, the dropless layout has none); a byte copy,
+// widest aligned vector.
 void launch_gather_rows(const at::Tensor& x, const at::Tensor& src, at::Tensor& out);
 
 // out[t] = sum_j w[t, j] * y[dest[t, j]] over dest >= 0, accumulated in at::opmath_type (fp32, fp64 for

@@ -10,7 +10,7 @@ import sys
 # name -> (module, one-line help); each module provides add_arguments(parser) and main(args).
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("smile.demo", "Switch vs SMILE MoE layers on a simulated multi-node cluster (CPU/gloo)"),
-    "train": ("smile.pretrain.cli", "MoE pretraining, Switch or SMILE routing, from CPU simulation to clusters"),
+    "train": ("smile.pretrain.cli", "MoE pretraining, Switch or SMILE routing, from CPU to clusters"),
     "zoo": ("smile.models.cli", "train or evaluate a model-zoo method: smile zoo <method> <action> ..."),
     "simulate": ("smile.sim.cli", "cost-model projection of SMILE vs Switch from 1 to 256 nodes"),
     "cluster": ("smile.sim.cli", "run a torchrun job on an emulated multi-node cluster (network namespaces)"),

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import os
 import queue as queue_mod
-import socket
 import time
 import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from smile.moe.topology import Topology
+from smile.moe.topology import Topology, free_port, start_process_group
 
 _GRACE_S = 3.0
 _SECONDARY = ("Connection reset", "Connection closed", "Read error", "Socket Timeout")
@@ -28,12 +26,6 @@ _SECONDARY = ("Connection reset", "Connection closed", "Read error", "Socket Tim
 
 class DistributedFailure(RuntimeError):
     """A rank raised, died, or the run timed out."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker(
@@ -61,8 +53,8 @@ def _worker(
         import torch
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
-        topo = Topology.simulated(nodes, gpus_per_node, group_timeout_s=timeout)
+        start_process_group("gloo", timeout)
+        topo = Topology.from_env(group_timeout_s=timeout)
         result = fn(topo, *args)
         dist.barrier()
         results.put((rank, True, result))

@@ -8,30 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch.distributed as dist
 
 from smile.models.lemda.config import JobConfig
+from smile.models.registry import config_names, resolve_config
 from smile.runtime import load_config
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+METHOD = "lemda"
 
 
 def bundled_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def resolve_config(value: str) -> Path:
-    path = Path(value)
-    if path.is_file():
-        return path
-    bundled = CONFIG_DIR / f"{value}.yaml"
-    if bundled.is_file():
-        return bundled
-    raise SystemExit(
-        f"smile zoo lemda: no config file {value!r}; bundled configs: {', '.join(bundled_configs())}"
-    )
+    return config_names(METHOD)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_job_config(config: str, overrides: list[str]) -> JobConfig:
-    return load_config(JobConfig, resolve_config(config), overrides)
+    return load_config(JobConfig, resolve_config(METHOD, config), overrides)
 
 
 def main(args: argparse.Namespace) -> int:

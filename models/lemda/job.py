@@ -28,6 +28,7 @@ from smile.models.lemda.featurize import Featurizer
 from smile.models.lemda.fusion import LateFusionClassifier
 from smile.models.lemda.metrics import make_eval_fn
 from smile.models.lemda.model import LeMDA
+from smile.moe.topology import Topology
 from smile.runtime import (
     ConfigError,
     FitResult,
@@ -41,7 +42,6 @@ from smile.runtime import (
     latest_checkpoint,
     load_weights,
 )
-from smile.moe.topology import Topology
 
 _BLOCK = re.compile(r"\.(?:layer|layers|h|block)\.(\d+)\.")
 _EMBEDDING = ("embed", "wte.", "wpe.")

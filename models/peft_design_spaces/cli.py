@@ -12,19 +12,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from smile.models.registry import resolve_config
+
+METHOD = "peft_design_spaces"
 ACTIONS = ("train", "eval", "search")
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def resolve_config(value: str | None) -> Path | None:
-    """A config path, or the name of a bundled config (``configs/<name>.yaml``)."""
-    if value is None or Path(value).is_file():
-        return None if value is None else Path(value)
-    bundled = CONFIG_DIR / f"{value}.yaml"
-    if bundled.is_file():
-        return bundled
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise SystemExit(f"smile zoo peft_design_spaces: no config file {value!r}; bundled configs: {names}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +32,7 @@ def main(args: argparse.Namespace) -> int:
     from smile.models.peft_design_spaces.training import Experiment, JobConfig, run_search
     from smile.runtime import config_to_dict, load_config
 
-    job = load_config(JobConfig, resolve_config(args.config), args.overrides)
+    job = load_config(JobConfig, resolve_config(METHOD, args.config), args.overrides)
     exp = Experiment(job)
     if args.action == "eval":
         result = {"eval": exp.evaluate(args.peft or Path(job.train.run_dir) / "peft")}

@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from smile.moe.experts import is_expert_parameter
-from smile.moe.layer import MoELayer
 from smile.models.peft_design_spaces import backbones
 from smile.models.peft_design_spaces.allocation import LayerCosts, LayerPlan, plan_layers
 from smile.models.peft_design_spaces.attention import ATTENTION_NAME, PREFIX_ATTR
@@ -30,6 +28,8 @@ from smile.models.peft_design_spaces.components import (
     merge_lora,
 )
 from smile.models.peft_design_spaces.config import DesignSpaceConfig
+from smile.moe.experts import is_expert_parameter
+from smile.moe.layer import MoELayer
 
 _PEFT_ATTR = "_smile_peft"
 

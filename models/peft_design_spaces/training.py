@@ -23,8 +23,6 @@ import torch.distributed as dist
 from torch import nn
 
 from smile.hf import moefy
-from smile.moe import MoEConfig
-from smile.moe.experts import is_expert_parameter
 from smile.models.peft_design_spaces import backbones
 from smile.models.peft_design_spaces.config import DesignSpaceConfig
 from smile.models.peft_design_spaces.data import (
@@ -45,9 +43,11 @@ from smile.models.peft_design_spaces.peft_model import (
 )
 from smile.models.peft_design_spaces.search import DesignSpace, DesignSpaceSearch, SearchConfig, SearchResult
 from smile.models.peft_design_spaces.tasks import TaskSpec
+from smile.moe import MoEConfig
+from smile.moe.experts import is_expert_parameter
+from smile.moe.topology import Topology
 from smile.runtime import TrainConfig, Trainer, config_to_dict, init_distributed
 from smile.runtime.distributed import gather_json
-from smile.moe.topology import Topology
 
 
 @dataclass

@@ -10,21 +10,27 @@ from __future__ import annotations
 import argparse
 import json
 
+from smile.models.registry import config_names, resolve_config
 from smile.models.trap_replace.config import TrapReplaceConfig
 from smile.runtime import load_config
+
+METHOD = "trap_replace"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("train", "eval"), help="train a stage or evaluate it")
     parser.add_argument("--stage", type=int, choices=(1, 2), default=1, help="1: bait and trap, 2: replace")
     parser.add_argument(
-        "--config", default=None, help="YAML/TOML/JSON config (defaults: the paper's CIFAR-10)"
+        "--config",
+        default=None,
+        help="YAML/TOML/JSON config, or a bundled config's name "
+        f"({', '.join(config_names(METHOD))}; default: the paper's CIFAR-10)",
     )
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. poison.attack=blend")
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(TrapReplaceConfig, args.config, args.overrides)
+    cfg = load_config(TrapReplaceConfig, resolve_config(METHOD, args.config), args.overrides)
     from smile.models.trap_replace import stages
 
     if args.action == "eval":

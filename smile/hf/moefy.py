@@ -155,9 +155,14 @@ def moefy(model: nn.Module, config: MoEConfig, topology: Topology | None = None)
         if not is_sparse(site.layer, config.every):
             continue
         layer_config = dataclasses.replace(
-            config, d_model=site.d_model, d_ff=site.d_ff, activation=config.resolved_activation(site.activation)
+            config,
+            d_model=site.d_model,
+            d_ff=site.d_ff,
+            activation=config.resolved_activation(site.activation),
         )
-        setattr(site.parent, site.attr, MoEFeedForward(MoELayer(layer_config, topology=topology), site.dropout))
+        setattr(
+            site.parent, site.attr, MoEFeedForward(MoELayer(layer_config, topology=topology), site.dropout)
+        )
         replaced.append(site.name)
     if not replaced:
         raise ConvertError(f"moefy: moe.every={config.every} selects no block of this model")

@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smile.hf.moefy import ConvertError, MoEFeedForward, moe_modules, moefy
+from smile.hf.moefy import ConvertError, moe_modules, moefy
 from smile.moe import MoEConfig, Topology
 from smile.moe.routing import SwitchRouter
+
 
 class _Checkpoint:
     """Lazy tensor access to a transformers checkpoint directory (safetensors or .bin, sharded or not)."""

@@ -56,7 +56,8 @@ class MoEConfig:
     capacity_factor: per-expert buffer factor (> 0), None for dropless, or "auto".
     aux_loss_weight: load-balance weight (bilevel: the GPU level); node_loss_weight: bilevel's
         node level (None: aux_loss_weight); z_loss_weight: router z-loss; jitter_eps:
-        multiplicative input jitter in [0, 1) while training.
+        multiplicative input jitter in [0, 1) while training; check_finite: stop on NaN/Inf
+        router logits (checked on the device on GPUs).
     dispatcher: "auto", "flat", "hierarchical" or "local".
     activation: "auto", "gelu", "relu", "swiglu" or "geglu".
     backend: dispatch kernels ("auto": cuda > triton > torch on GPU); gemm: expert GEMMs.
@@ -77,6 +78,7 @@ class MoEConfig:
     node_loss_weight: float | None = None
     z_loss_weight: float = 0.0
     jitter_eps: float = 0.0
+    check_finite: bool = True
     dispatcher: Literal["auto", "flat", "hierarchical", "local"] = "auto"
     activation: Literal["auto", "gelu", "relu", "swiglu", "geglu"] = "auto"
     backend: Literal["auto", "torch", "triton", "cuda"] = "auto"
@@ -131,7 +133,9 @@ class MoEConfig:
             not isinstance(cf, (bool, str)) and isinstance(cf, (int, float)) and math.isfinite(cf) and cf > 0
         )
         if not valid_cf:
-            raise MoEConfigError(f"{where}.capacity_factor must be > 0, 'auto' or null (dropless), got {cf!r}")
+            raise MoEConfigError(
+                f"{where}.capacity_factor must be > 0, 'auto' or null (dropless), got {cf!r}"
+            )
         for name in ("aux_loss_weight", "z_loss_weight"):
             weight(name)
         weight("node_loss_weight", optional=True)
@@ -154,12 +158,21 @@ class MoEConfig:
             raise MoEConfigError(
                 f"{where}.dispatcher 'local' needs an expert-parallel size of 1, got {topology.ep_size}"
             )
-        if self.router == "bilevel":
-            per_node = self.num_experts // topology.ep_nodes
-            if not 1 <= self.k_node <= topology.ep_nodes:
-                raise MoEConfigError(f"{where}.k_node={self.k_node} must be in [1, num_nodes={topology.ep_nodes}]")
-            if not 1 <= self.k_gpu <= per_node:
-                raise MoEConfigError(f"{where}.k_gpu={self.k_gpu} must be in [1, experts per node={per_node}]")
+        self.check_levels(topology.ep_nodes, where)
+
+    def check_levels(self, num_nodes: int, where: str = "moe") -> None:
+        """bilevel only: ``k_node`` and ``k_gpu`` must fit ``num_nodes`` nodes of experts."""
+        if self.router != "bilevel":
+            return
+        if self.num_experts % num_nodes:
+            raise MoEConfigError(
+                f"{where}.num_experts={self.num_experts} must divide evenly over num_nodes={num_nodes}"
+            )
+        per_node = self.num_experts // num_nodes
+        if not 1 <= self.k_node <= num_nodes:
+            raise MoEConfigError(f"{where}.k_node={self.k_node} must be in [1, num_nodes={num_nodes}]")
+        if not 1 <= self.k_gpu <= per_node:
+            raise MoEConfigError(f"{where}.k_gpu={self.k_gpu} must be in [1, experts per node={per_node}]")
 
     # ---- the "auto" rules -----------------------------------------------------------------
     def resolved_capacity_factor(self) -> float | None:
@@ -183,9 +196,3 @@ class MoEConfig:
         if self.activation != "auto":
             return self.activation
         return host or "gelu"
-
-    def resolved_k(self) -> int:
-        """Copies per token."""
-        if self.router == "bilevel":
-            return self.k_node * self.k_gpu
-        return self.k if self.k is not None else (2 if self.router == "topk" else 1)

@@ -55,7 +55,10 @@ class TokenDispatcher:
         self.num_experts = config.num_experts
         self.kind = config.resolved_dispatcher(topology)
         self.exchange = EXCHANGES[self.kind](
-            topology, config.num_experts, get_codec(config.dispatch_payload), get_codec(config.combine_payload)
+            topology,
+            config.num_experts,
+            get_codec(config.dispatch_payload),
+            get_codec(config.combine_payload),
         )
         self.num_local = self.exchange.num_local
         self.backend_name = config.backend
@@ -78,7 +81,7 @@ class TokenDispatcher:
         with record_function("smile.dispatch"):
             slots = _chunk_slots(plan.expert_ids, chunks, self.num_experts)
             dest, src, slot_counts = backend.dispatch_index(
-                slots, plan.keep, chunks * self.num_experts, None, kept_total=plan.kept_total
+                slots, plan.keep, chunks * self.num_experts, kept_total=plan.kept_total
             )
             rows = permute(tokens, src, dest, backend)
         counts = slot_counts.view(chunks, self.num_experts)
@@ -106,7 +109,9 @@ class TokenDispatcher:
             gates = dispatch.gates.to(rows.dtype)
             return unpermute_combine(rows, gates, dispatch.dest, dispatch.src, dispatch.backend)
 
-    def start(self, route: Route, hop: int, x: torch.Tensor, toward_experts: bool, codec: PayloadCodec) -> Transfer:
+    def start(
+        self, route: Route, hop: int, x: torch.Tensor, toward_experts: bool, codec: PayloadCodec
+    ) -> Transfer:
         """Start hop ``hop`` of ``route`` asynchronously (no autograd); ``finish()`` the result."""
         return route.hops[hop].start(x, toward_experts, codec)
 
@@ -163,14 +168,13 @@ class _Combine(torch.autograd.Function):
 
 
 def _row_gates(gates: torch.Tensor, dest: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """Gate of the copy held by each permuted row (0 for padding rows).
+    """Gate of the copy held by each permuted row.
 
     A gather (row r holds the copy j of token src[r] with dest[src[r], j] == r): no boolean mask,
     whose size a GPU would have to send back to the host, and no duplicate scatter indices.
     """
-    token = src.clamp(min=0)
     row = torch.arange(src.numel(), device=src.device).unsqueeze(1)
-    return (gates.index_select(0, token) * (dest.index_select(0, token) == row)).sum(1)
+    return (gates.index_select(0, src) * (dest.index_select(0, src) == row)).sum(1)
 
 
 def permute(x: torch.Tensor, src: torch.Tensor, dest: torch.Tensor, backend: DispatchBackend) -> torch.Tensor:

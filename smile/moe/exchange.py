@@ -1,8 +1,9 @@
 """Moving rows between ranks: All2All with autograd, flat (one hop) and hierarchical (two hops).
 
-The token dispatcher (:mod:`smile.moe.dispatcher`) owns one exchange. An exchange takes the permuted buffer (rows grouped by global expert, ``row_counts[e]`` rows
-for expert e) and returns the rows this rank's experts must process, in one canonical layout:
-grouped by local expert, then by source EP rank, then in the sender's order. Flat and
+The token dispatcher (:mod:`smile.moe.dispatcher`) owns one exchange. An exchange takes the
+permuted buffer (rows grouped by global expert, ``row_counts[e]`` rows for expert e) and
+returns the rows this rank's experts must process, in one canonical layout: grouped by local
+expert, then by source EP rank, then in the sender's order. Flat and
 hierarchical dispatch deliver the same rows in the same layout, so for the same routing plan
 their results are bit-identical; the hops run in reverse to send expert outputs back.
 

@@ -141,7 +141,9 @@ class _Pipelined(torch.autograd.Function):
             y, saved[c] = experts.forward_rows(x, routes[c].expert_counts)
             return y
 
-        stages = _layer_stages(dispatcher, routes, compute, dispatcher.dispatch_codec, dispatcher.combine_codec)
+        stages = _layer_stages(
+            dispatcher, routes, compute, dispatcher.dispatch_codec, dispatcher.combine_codec
+        )
         outs = run_stages(stages, list(rows))
         ctx.dispatcher, ctx.experts, ctx.routes, ctx.saved = dispatcher, experts, routes, saved
         return tuple(outs)
@@ -156,7 +158,9 @@ class _Pipelined(torch.autograd.Function):
             ctx.saved[c] = ()
             return dx
 
-        stages = _layer_stages(ctx.dispatcher, routes, compute, codec, codec)  # gradients travel in the combine format
+        stages = _layer_stages(
+            ctx.dispatcher, routes, compute, codec, codec
+        )  # gradients travel in the combine format
         weight_grads: list[torch.Tensor] = []
 
         def take_weight_grads() -> None:

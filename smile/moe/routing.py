@@ -255,11 +255,14 @@ class BilevelRouter(Router):
 
 def build_router(config: MoEConfig, d_model: int, num_nodes: int = 1) -> Router:
     """The router ``config`` names; ``num_nodes`` (the EP domain's node count) is used by ``bilevel``."""
+    config.validate()
+    config.check_levels(num_nodes)
     options = dict(
         capacity_factor=config.resolved_capacity_factor(),
         aux_loss_weight=config.aux_loss_weight,
         z_loss_weight=config.z_loss_weight,
         jitter_eps=config.jitter_eps,
+        check_finite=config.check_finite,
     )
     if config.router == "bilevel":
         return BilevelRouter(

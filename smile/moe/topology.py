@@ -13,15 +13,64 @@ replicas form its expert-data-parallel group.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 
 def under_torchrun() -> bool:
     """True in a worker that torchrun (or smile's own launcher) started."""
     return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``auto``: nccl where CUDA is available, else gloo."""
+    if backend != "auto":
+        return backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def start_process_group(backend: str = "auto", timeout_s: float = 1800.0) -> None:
+    """Start the default process group from the environment (``env://``); the one start-up.
+
+    Idempotent: an existing group (a test harness, an outer launcher) is used as is. Without
+    torchrun's variables a one-process group is started on localhost, so the same code path runs
+    everywhere. nccl ranks take the GPU of their ``LOCAL_RANK``.
+    """
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+        )
+    backend = resolve_backend(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    # torchrun keeps one rendezvous store across restarts; without a per-attempt prefix a
+    # restarted rank reads its peers' addresses from the dead attempt and cannot connect.
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"smile/attempt_{restart}/", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -49,32 +98,19 @@ class Topology:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def simulated(
-        cls,
-        nodes: int,
-        gpus_per_node: int,
-        ep_nodes: int | None = None,
-        group_timeout_s: float | None = None,
-    ) -> Topology:
-        """Present the initialised process group as ``nodes x gpus_per_node``."""
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if nodes * gpus_per_node != world:
-            raise ValueError(
-                f"topology {nodes} nodes x {gpus_per_node} gpus_per_node = "
-                f"{nodes * gpus_per_node} ranks does not tile the world size {world}"
-            )
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        return cls(nodes, gpus_per_node, rank, ep_nodes, group_timeout_s)
-
-    @classmethod
     def from_env(
         cls,
         sim_nodes: int | None = None,
         ep_nodes: int | None = None,
         group_timeout_s: float | None = None,
     ) -> Topology:
-        """Read torchrun's environment; ``sim_nodes`` overrides the node count (simulation)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        """This rank's place, read once for every caller: rank and world from the process group
+        (torchrun's ``RANK`` / ``WORLD_SIZE`` before one exists), GPUs per node from
+        ``LOCAL_WORLD_SIZE``; ``sim_nodes`` presents the world as that many nodes instead."""
+        if dist.is_initialized():
+            world, rank = dist.get_world_size(), dist.get_rank()
+        else:
+            world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         if sim_nodes is not None:
             if sim_nodes < 1 or world % sim_nodes:
                 raise ValueError(f"sim_nodes={sim_nodes} does not tile the world size {world}")
@@ -83,7 +119,6 @@ class Topology:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
             if world % local:
                 raise ValueError(f"LOCAL_WORLD_SIZE={local} does not tile WORLD_SIZE={world}")
-        rank = int(os.environ.get("RANK", "0"))
         return cls(world // local, local, rank, ep_nodes, group_timeout_s)
 
     # ---- coordinates ----------------------------------------------------------------------
@@ -108,28 +143,15 @@ class Topology:
         """Position of this rank inside its expert-parallel domain."""
         return self.rank % self.ep_size
 
-    @property
-    def ep_node(self) -> int:
-        """Node index of this rank inside its expert-parallel domain."""
-        return self.ep_rank // self.gpus_per_node
-
     # ---- process groups -------------------------------------------------------------------
-    def ep_ranks(self) -> list[int]:
-        start = self.rank - self.ep_rank
-        return list(range(start, start + self.ep_size))
-
-    def inter_node_ranks(self) -> list[int]:
-        """Ranks of the EP domain sharing this rank's local rank (one per node)."""
-        start = self.rank - self.ep_rank
-        return [start + n * self.gpus_per_node + self.local_rank for n in range(self.ep_nodes)]
-
-    def intra_node_ranks(self) -> list[int]:
-        start = self.node * self.gpus_per_node
-        return list(range(start, start + self.gpus_per_node))
-
-    def expert_data_parallel_ranks(self) -> list[int]:
-        """Ranks that hold replicas of this rank's experts."""
-        return list(range(self.ep_rank, self.world_size, self.ep_size))
+    def group_ranks(self, kind: str) -> list[int]:
+        """Ranks of this rank's group of ``kind``: ep (expert-parallel domain), inter (one rank
+        per node of the domain, same local rank), intra (this node), edp (replicas of this
+        rank's experts)."""
+        partitions = self._all_partitions()
+        if kind not in partitions:
+            raise ValueError(f"unknown process group kind {kind!r}; allowed: {', '.join(partitions)}")
+        return next(ranks for ranks in partitions[kind] if self.rank in ranks)
 
     def _all_partitions(self) -> dict[str, list[list[int]]]:
         w, g, ep = self.world_size, self.gpus_per_node, self.ep_size
@@ -164,5 +186,5 @@ class Topology:
                     if self.rank in ranks:
                         self._groups[name] = pg
         if kind not in self._groups:
-            raise ValueError(f"unknown process group kind {kind!r}; allowed: ep, inter, intra, edp")
+            self.group_ranks(kind)  # raises for an unknown kind
         return self._groups[kind]

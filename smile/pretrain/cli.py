@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from smile.hf import ConvertError
 from smile.data import DataConfigError
-from smile.runtime import ConfigError
+from smile.hf import ConvertError
 from smile.moe.topology import Topology
+from smile.runtime import ConfigError
 
 _USER_ERRORS = (ConfigError, ConvertError, DataConfigError, FileNotFoundError, ValueError)
 
@@ -41,10 +41,10 @@ def _planned_topology(job, world: int) -> Topology:
 
 
 def main(args: argparse.Namespace) -> int:
+    from smile.moe.topology import under_torchrun
     from smile.pretrain.config import load_job
     from smile.pretrain.job import preflight, run
     from smile.pretrain.launch import launch
-    from smile.moe.topology import under_torchrun
 
     overrides = list(args.overrides)
     if args.sim_nodes is not None:

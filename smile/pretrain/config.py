@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from smile.moe import MoEConfig
 from smile.data import DataConfig
+from smile.moe import MoEConfig
 from smile.runtime import (
     CheckpointConfig,
     ConfigError,
@@ -24,7 +24,7 @@ from smile.runtime import (
     config_to_dict,
     from_dict,
 )
-from smile.runtime.config import read_mapping
+from smile.runtime.config import merge_mappings, read_mapping
 
 FAMILY_OBJECTIVE = {"t5": "span_corruption", "gpt2": "causal_lm", "llama": "causal_lm"}
 
@@ -133,7 +133,7 @@ def load_job(path: str | Path | None = None, overrides: list[str] | tuple[str, .
     """
     data = config_to_dict(JobConfig())
     if path is not None:
-        data = _merge(data, read_mapping(path))
+        data = merge_mappings(data, read_mapping(path))
     return job_from_dict(apply_overrides(data, overrides))
 
 
@@ -145,12 +145,3 @@ def job_from_dict(data: dict) -> JobConfig:
     job = JobConfig(**{name: from_dict(cls, data.get(name, {}), name) for name, cls in SECTIONS.items()})
     job.validate()
     return job
-
-
-def _merge(base: dict, top: dict) -> dict:
-    """Mappings merge key by key; other values (lists included) in ``top`` replace ``base``'s."""
-    out = dict(base)
-    for key, value in top.items():
-        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merge(out[key], value) if nested else value
-    return out

@@ -14,10 +14,10 @@ from typing import Any
 import torch.distributed as dist
 
 from smile.data import build_dataloader, build_tokenizer
+from smile.moe.topology import Topology
 from smile.pretrain.config import JobConfig, job_from_dict
 from smile.pretrain.model import build_model, check_fits, hf_config, parameter_summary, pretrain_loss
 from smile.runtime import FitResult, Trainer, init_distributed
-from smile.moe.topology import Topology
 
 
 def preflight(job: JobConfig, topology: Topology) -> dict[str, Any]:

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smile.hf import import_switch, moe_dropped_fraction, moe_modules, moefy
 from smile.data import TextTokenizer
 from smile.data.objectives import compute_input_and_target_lengths
+from smile.hf import import_switch, moe_dropped_fraction, moe_modules, moefy
+from smile.moe.topology import Topology
 from smile.pretrain.config import JobConfig
 from smile.runtime import ConfigError
-from smile.moe.topology import Topology
 
 
 def _init_kind(job: JobConfig) -> str | None:

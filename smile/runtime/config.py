@@ -8,6 +8,7 @@ config that nests :class:`TrainConfig` next to its own model and data sections l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -307,7 +308,7 @@ def load_config(
     """
     data = _defaults(cls)
     if path is not None:
-        data = _merge(data, read_mapping(path))
+        data = merge_mappings(data, read_mapping(path))
     data = apply_overrides(data, overrides)
     return from_dict(cls, data)
 
@@ -320,12 +321,15 @@ def _defaults(cls: type) -> dict[str, Any]:
         return {}
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Mappings merge key by key; any other value (lists included) in ``top`` replaces ``base``'s."""
+def merge_mappings(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; any other value (lists included) in ``top`` replaces ``base``'s.
+
+    Neither input is modified: the result holds copies of ``top``'s values.
+    """
     out = dict(base)
     for key, value in top.items():
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merge(out[key], value) if both else value
+        out[key] = merge_mappings(out[key], value) if both else copy.deepcopy(value)
     return out
 
 

@@ -9,69 +9,28 @@ instead of a hang.
 from __future__ import annotations
 
 import json
-import os
-import socket
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from smile.moe.topology import Topology, resolve_backend, start_process_group
 from smile.runtime.config import DistConfig
-from smile.moe.topology import Topology
 
 
 def backend_for(cfg: DistConfig) -> str:
-    if cfg.backend != "auto":
-        return cfg.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return resolve_backend(cfg.backend)
 
 
 def init_distributed(cfg: DistConfig | None = None) -> Topology:
     """Start (or join) the default process group and return this rank's Topology.
 
     Idempotent: if a process group already exists (a test harness, an outer launcher), it is
-    used as is.
+    used as is. Every group gets the configured timeout.
     """
     cfg = cfg or DistConfig()
-    if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(_free_port()),
-                RANK="0",
-                WORLD_SIZE="1",
-                LOCAL_RANK="0",
-                LOCAL_WORLD_SIZE="1",
-            )
-        backend = backend_for(cfg)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        timeout = timedelta(seconds=cfg.timeout_s)
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if restart is None:
-            dist.init_process_group(backend, timeout=timeout)
-        else:
-            # torchrun keeps one rendezvous store across restarts; without a per-attempt prefix a
-            # restarted rank reads its peers' addresses from the dead attempt and cannot connect.
-            store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-            store = dist.PrefixStore(f"smile/attempt_{restart}/", store)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-    if cfg.sim_nodes is not None:
-        return Topology.simulated(
-            cfg.sim_nodes, dist.get_world_size() // cfg.sim_nodes, cfg.ep_nodes, cfg.timeout_s
-        )
-    world = dist.get_world_size()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if world % local:
-        raise ValueError(f"LOCAL_WORLD_SIZE={local} does not tile WORLD_SIZE={world}")
-    return Topology.simulated(world // local, local, cfg.ep_nodes, cfg.timeout_s)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    start_process_group(cfg.backend, cfg.timeout_s)
+    return Topology.from_env(cfg.sim_nodes, cfg.ep_nodes, cfg.timeout_s)
 
 
 def device() -> torch.device:

@@ -17,8 +17,8 @@ Here:
 
 from __future__ import annotations
 
-import copy
 import logging
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -28,8 +28,71 @@ from torch import nn
 
 from smile.moe.experts import is_expert_parameter
 from smile.moe.topology import Topology
+from smile.runtime.config import merge_mappings
 
 log = logging.getLogger(__name__)
+
+# The DeepSpeed versions this module's patches of DeepSpeed internals are tested against:
+# (lowest supported, first unsupported). Keep in step with pyproject.toml.
+DEEPSPEED_RANGE = ("0.19.8", "0.20")
+DEEPSPEED_SPEC = f"deepspeed>={DEEPSPEED_RANGE[0]},<{DEEPSPEED_RANGE[1]}"
+
+
+class DeepSpeedVersionError(RuntimeError):
+    """The installed DeepSpeed is outside :data:`DEEPSPEED_RANGE`."""
+
+
+def _installed_deepspeed_version() -> str | None:
+    """The installed DeepSpeed's version string, or None if it is not installed (cheap: no import)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("deepspeed")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The numeric release part of a version string ("0.19.8+cu124" -> (0, 19, 8))."""
+    try:
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            return Version(version).release
+        except InvalidVersion:
+            pass
+    except ImportError:
+        pass
+    match = re.match(r"\d+(?:\.\d+)*", version.strip().lstrip("vV"))
+    if match is None:
+        raise DeepSpeedVersionError(
+            f"cannot parse DeepSpeed version {version!r}; smile needs {DEEPSPEED_SPEC}"
+        )
+    return tuple(int(n) for n in match.group().split("."))
+
+
+def _padded(release: tuple[int, ...], width: int = 8) -> tuple[int, ...]:
+    return release + (0,) * (width - len(release))
+
+
+def check_deepspeed_version(version: str | None = None) -> str:
+    """Raise :class:`DeepSpeedVersionError` unless DeepSpeed ``version`` (default: the installed
+    one) is inside :data:`DEEPSPEED_RANGE`; returns the version checked.
+
+    Compares release numbers only, so local builds (``0.19.8+cu124``) of a supported release pass.
+    """
+    if version is None:
+        version = _installed_deepspeed_version()
+    if version is None:
+        raise DeepSpeedVersionError(f"DeepSpeed is not installed; smile's runtime needs {DEEPSPEED_SPEC}")
+    low, high = (_padded(_release(v)) for v in DEEPSPEED_RANGE)
+    if not low <= _padded(_release(version)) < high:
+        raise DeepSpeedVersionError(
+            f"DeepSpeed {version} is installed but smile's runtime supports only {DEEPSPEED_SPEC} "
+            f"(smile/runtime/engine.py patches its internals); install e.g. "
+            f"`pip install 'deepspeed=={DEEPSPEED_RANGE[0]}'`"
+        )
+    return version
 
 
 def expert_group_name(topology: Topology) -> str:
@@ -66,17 +129,7 @@ def deepspeed_config(
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
-    return _merge(config, extra or {})
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    return merge_mappings(config, extra or {})
 
 
 def tag_expert_parameters(model: nn.Module, group_name: str) -> int:
@@ -97,13 +150,14 @@ def register_groups(topology: Topology, timeout: timedelta) -> None:
 
     Collective: every rank calls it once, in the same order, before the engine is built.
     """
+    check_deepspeed_version()
     from deepspeed.utils import groups
 
     name = expert_group_name(topology)
     groups._EXPERT_PARALLEL_GROUP[name] = topology.group("ep")
-    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = topology.ep_ranks()
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = topology.group_ranks("ep")
     groups._EXPERT_DATA_PARALLEL_GROUP[name] = topology.group("edp")
-    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = topology.expert_data_parallel_ranks()
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = topology.group_ranks("edp")
     if groups._WORLD_GROUP is None:
         # DeepSpeed's dense data-parallel group; made here so it carries the run's timeout.
         groups._WORLD_GROUP = dist.new_group(list(range(dist.get_world_size())), timeout=timeout)
@@ -164,6 +218,7 @@ def clip_global_norm(parameters, max_norm: float) -> float:
 
 def build_engine(module: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any], backend: str):
     """Construct the engine (what ``deepspeed.initialize`` does, with :class:`SmileEngine`)."""
+    check_deepspeed_version()
     import deepspeed
     from deepspeed import comm as ds_comm
     from deepspeed.runtime.config import DeepSpeedConfig

@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from smile.moe.experts import is_expert_parameter
+from smile.moe.topology import Topology
 from smile.runtime import checkpoint as ckpt
 from smile.runtime.distributed import device
 from smile.runtime.state import load_model_state, model_state
-from smile.moe.topology import Topology
 
 EXPORT_INFO = "smile_export.json"
 

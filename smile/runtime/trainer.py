@@ -2,8 +2,8 @@
 
 A model plugs in with a loss function ``loss_fn(model, batch, ctx) -> loss | (loss, metrics)``
 returning the task loss (the Trainer adds the aux losses of every smile MoE layer in the model,
-logged as ``moe_aux``); parallelism (ZeRO, expert groups), precision, accumulation, clipping, schedules, several
-optimizers, evaluation, metrics, checkpoints and resume are the Trainer's job::
+logged as ``moe_aux``); parallelism (ZeRO, expert groups), precision, accumulation, clipping,
+schedules, several optimizers, evaluation, metrics, checkpoints and resume are the Trainer's job::
 
     topology = init_distributed(cfg.dist)            # before building an expert-parallel model
     model = build_model(topology)
@@ -32,8 +32,8 @@ from torch import nn
 
 from smile.moe import collect_aux_loss
 from smile.moe.experts import is_expert_parameter
+from smile.moe.topology import Topology
 from smile.runtime import checkpoint as ckpt
-from smile.runtime.serialization import decode, encode
 from smile.runtime.config import TrainConfig, config_to_dict
 from smile.runtime.data import DataStream, Source, resolve
 from smile.runtime.distributed import backend_for, gather_json, init_distributed
@@ -55,6 +55,7 @@ from smile.runtime.metrics import (
 )
 from smile.runtime.optim import GROUP_KEY, build_optimizer
 from smile.runtime.schedule import lr_at
+from smile.runtime.serialization import decode, encode
 from smile.runtime.state import (
     load_model_state,
     load_optimizer_state,
@@ -64,7 +65,6 @@ from smile.runtime.state import (
     rng_state,
     seed_everything,
 )
-from smile.moe.topology import Topology
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, TextIO
 
 from smile.moe.topology import under_torchrun
@@ -360,14 +359,11 @@ def run_ranks(
     import torch
     import torch.distributed as dist
 
-    from smile.moe.topology import Topology
+    from smile.moe.topology import Topology, start_process_group
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout))
-    else:
+    if not torch.cuda.is_available():
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    start_process_group("auto", timeout)
     try:
         result = fn(Topology.from_env(), *args)
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -381,7 +377,9 @@ def report_layout(world: int, gpus_per_node: int, load_start: tuple[float, ...])
     """The layout (nodes, gpus_per_node, world) and environment of a finished benchmark run."""
     import torch
 
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", gpus_per_node))
+    from smile.moe.topology import Topology
+
+    local = Topology.from_env().gpus_per_node if under_torchrun() else gpus_per_node
     backend = "nccl" if under_torchrun() and torch.cuda.is_available() else "gloo"
     env = {
         **describe_environment(backend),

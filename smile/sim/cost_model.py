@@ -259,10 +259,6 @@ def calibrate_flops(spec: ClusterSpec, workload: MoEWorkload, kind: str, seconds
     return replace(spec, flops=spec.flops * matmul_seconds / (seconds - rest))
 
 
-def tokens_per_second(spec: ClusterSpec, workload: MoEWorkload, kind: str) -> float:
-    return spec.world * workload.tokens_per_gpu / layer_step(spec, workload, kind)["total"]
-
-
 def projection(
     spec: ClusterSpec, workload: MoEWorkload, node_counts: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ) -> list[dict[str, float]]:
@@ -287,14 +283,6 @@ def projection(
             }
         )
     return rows
-
-
-def crossover_size(spec: ClusterSpec, sizes: Sequence[float]) -> float | None:
-    """Smallest of ``sizes`` (bytes per rank) where hierarchical dispatch beats flat, else None."""
-    for size in sorted(sizes):
-        if all2all_time(spec, "hierarchical", size) < all2all_time(spec, "flat", size):
-            return size
-    return None
 
 
 def crossover_nodes(spec: ClusterSpec, size: float, max_nodes: int = 4096) -> int | None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smile.hf.moefy import ConvertError
+from smile.hf import ConvertError
 from smile.models.lemda import (
     FeatureAugmenter,
     LateFusionClassifier,
@@ -29,9 +29,9 @@ from smile.models.lemda.data import load_split
 from smile.models.lemda.featurize import Featurizer
 from smile.models.lemda.job import build_model, layerwise_groups
 from smile.models.lemda.metrics import roc_auc
+from smile.moe.topology import Topology
 from smile.runtime import ConfigError, load_config
 from smile.testing import run_distributed
-from smile.moe.topology import Topology
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "lemda"
 
@@ -404,9 +404,9 @@ def test_wine_lemda_learns_and_augmenter_moves_features(tmp_path):
 
 
 def moe_job(topology, run_dir: str, overrides: list[str]) -> dict:
-    from smile.hf.moefy import moe_modules
-    from smile.moe.experts import is_expert_parameter
+    from smile.hf import moe_modules
     from smile.models.lemda import job
+    from smile.moe.experts import is_expert_parameter
 
     cfg = load_job_config(str(FIXTURES / "pets.yaml"), overrides + [f"train.run_dir={run_dir}"])
     built = job.build_job(cfg)

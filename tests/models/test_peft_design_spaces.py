@@ -266,17 +266,18 @@ def test_spindle_and_other_groupings():
         group_sizes_for("zigzag", 12)
 
 
-# ---- LoRA / adapters on smile MoE experts (smile.hf.moefy) --------------------------------------------------
+# ---- LoRA / adapters on smile MoE experts (smile.hf.moefy) ---------------------------------
 def tiny_moe_t5() -> nn.Module:
-    from smile.hf.moefy import MoESpec, moefy
+    from smile.hf import moefy
+    from smile.moe import MoEConfig
 
     model = tiny("t5")
-    moefy(model, MoESpec(num_experts=4, router="switch", every=2, capacity_factor=None))
+    moefy(model, MoEConfig(num_experts=4, router="switch", every=2, capacity_factor=None))
     return model.eval()
 
 
 def test_lora_reaches_expert_weights_and_router_of_moe_layers():
-    from smile.hf.moefy import MoEFeedForward
+    from smile.hf import MoEFeedForward
     from smile.moe.experts import is_expert_parameter
 
     reference = logits(tiny_moe_t5(), "t5")
@@ -562,8 +563,8 @@ def test_s4_trains_with_zero2_on_two_ranks_beats_majority_evals_and_searches(tmp
 
 
 def _moe_expert_lora(topology, tmp: str) -> dict:
-    from smile.moe.experts import is_expert_parameter
     from smile.models.peft_design_spaces.training import Experiment, JobConfig
+    from smile.moe.experts import is_expert_parameter
     from smile.runtime import load_config
 
     job = load_config(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smile.moe.experts import ACTIVATIONS, ExpertFFN, is_expert_parameter
+from smile.moe.config import ACTIVATIONS
+from smile.moe.experts import ExpertFFN, is_expert_parameter
 from smile.moe.layer import MoELayer
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from smile.dispatch import TorchBackend
-from smile.moe.experts import ACTIVATIONS, ExpertFFN
-from smile.moe.kernels import TritonBackend
+from smile.moe.config import ACTIVATIONS
+from smile.moe.experts import ExpertFFN
+from smile.moe.kernels import TorchBackend, TritonBackend
 from smile.moe.layer import MoELayer
 
 grouped_gemm = pytest.importorskip("smile.moe.kernels.grouped_gemm")
@@ -233,7 +233,8 @@ def test_single_rank_layer_never_waits_for_the_host(device, router):
     forward and backward, with every count left on the device (the finite-logits check is an
     asynchronous device assert on a GPU and a host check on CPU, so it is off here)."""
     torch.manual_seed(0)
-    layer = MoELayer(32, 48, 4, router=router, k=2, capacity_factor=None, check_finite=False,
+    k = {"k": 2} if router == "topk" else {}  # bilevel: k_node x k_gpu = 1 x 1
+    layer = MoELayer(32, 48, 4, router=router, **k, capacity_factor=None, check_finite=False,
                      backend="triton", gemm="triton").to(device)
     x = torch.randn(24, 32, device=device, requires_grad=True)
     layer(x)[0].sum().backward()  # first call: kernel compilation and caches
@@ -252,12 +253,12 @@ def test_kept_total_is_checked_against_the_keep_mask(device):
     dropped = keep.clone()
     dropped[1, 0] = False
     for backend in (TorchBackend(), TritonBackend()):
-        dest, src, counts = backend.dispatch_index(ids, keep, 3, None, kept_total=6)
-        want = TorchBackend().dispatch_index(ids.cpu(), keep.cpu(), 3, None)
+        dest, src, counts = backend.dispatch_index(ids, keep, 3, kept_total=6)
+        want = TorchBackend().dispatch_index(ids.cpu(), keep.cpu(), 3)
         assert [t.cpu().tolist() for t in (dest, src, counts)] == [t.tolist() for t in want]
         if device.type == "cpu":
             with pytest.raises((ValueError, RuntimeError), match="kept_total=6 was given"):
-                backend.dispatch_index(ids, dropped, 3, None, kept_total=6)
+                backend.dispatch_index(ids, dropped, 3, kept_total=6)
 
 
 # --------------------------------------------------------------------------------------------- GPU

@@ -1,4 +1,4 @@
-"""Fused dispatch kernels (Triton, CUDA) against the torch reference in smile.dispatch.
+"""Fused dispatch kernels (Triton, CUDA) against the torch reference in smile.moe.kernels.
 
 Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors;
 tests marked ``gpu`` compare the compiled Triton and CUDA kernels with the reference on a GPU.
@@ -11,23 +11,15 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from smile import dispatch
-from smile.dispatch import TorchBackend
+from smile.moe import dispatcher, kernels
+from smile.moe.kernels import TorchBackend
 
 triton_dispatch = pytest.importorskip("smile.moe.kernels.triton_dispatch")
 TritonBackend = triton_dispatch.TritonBackend
 
 REF = TorchBackend()
 HAS_CUDA = torch.cuda.is_available()
-
-
-def capacity_keep(ids: torch.Tensor, keep: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
-    """Keep mask a capacity router would produce: the first ``capacity`` kept copies per expert."""
-    onehot = F.one_hot(ids.reshape(-1), num_experts) * keep.reshape(-1, 1)
-    rank = (onehot.cumsum(0) - onehot).gather(1, ids.reshape(-1, 1)).view_as(ids)
-    return keep & (rank < capacity)
 
 
 def random_routing(tokens: int, k: int, num_experts: int, drop: float, device, seed: int = 0):
@@ -50,82 +42,68 @@ def assert_index_equal(got, want) -> None:
         assert torch.equal(g.cpu(), w.cpu()), f"{name} differs:\n{g}\n{w}"
 
 
-# (tokens, k, experts, drop probability, capacity: None = dropless, int = padded and enforced)
+# (tokens, k, experts, drop probability); the layout is dropless: only kept copies get rows.
 INDEX_CASES = [
-    (7, 1, 4, 0.0, None),
-    (150, 2, 8, 0.25, None),  # 300 copies span several index blocks
-    (150, 2, 8, 0.25, 24),  # padded, capacity drops on top of the keep mask
-    (40, 4, 64, 0.1, None),  # most experts empty
-    (40, 4, 64, 0.1, 3),
-    (33, 8, 16, 0.5, 40),  # capacity larger than any count: padding rows everywhere
-    (5, 2, 3, 1.0, None),  # every copy dropped
-    (5, 2, 3, 1.0, 2),
-    (0, 2, 4, 0.0, 4),  # no tokens
+    (7, 1, 4, 0.0),
+    (150, 2, 8, 0.25),  # 300 copies span several index blocks
+    (40, 4, 64, 0.1),  # most experts empty
+    (33, 8, 16, 0.5),
+    (5, 2, 3, 1.0),  # every copy dropped
+    (0, 2, 4, 0.0),  # no tokens
 ]
 
 
-@pytest.mark.parametrize("tokens,k,experts,drop,capacity", INDEX_CASES)
-def test_dispatch_index_matches_reference(device, tokens, k, experts, drop, capacity):
+@pytest.mark.parametrize("tokens,k,experts,drop", INDEX_CASES)
+def test_dispatch_index_matches_reference(device, tokens, k, experts, drop):
     ids, keep = random_routing(tokens, k, experts, drop, device)
-    if capacity is not None:
-        keep = capacity_keep(ids, keep, experts, capacity)
-    want = REF.dispatch_index(ids.cpu(), keep.cpu(), experts, capacity)
-    got = TritonBackend().dispatch_index(ids, keep, experts, capacity)
+    want = REF.dispatch_index(ids.cpu(), keep.cpu(), experts)
+    got = TritonBackend().dispatch_index(ids, keep, experts)
     assert_index_equal(got, want)
+    _, src, _ = want
+    assert src.numel() == int(keep.sum()) and bool((src >= 0).all()), "one row per kept copy, no padding"
 
 
-@pytest.mark.parametrize("capacity", [None, 30])
-def test_dispatch_index_small_blocks(device, monkeypatch, capacity):
+def test_dispatch_index_small_blocks(device, monkeypatch):
     """Many index blocks, scanned a few at a time: exercises the carries between blocks and chunks."""
     monkeypatch.setattr(triton_dispatch, "_INDEX_BLOCK", 16)
     monkeypatch.setattr(triton_dispatch, "_SCAN_BLOCK", 4)
     ids, keep = random_routing(150, 2, 8, 0.25, device, seed=7)
-    if capacity is not None:
-        keep = capacity_keep(ids, keep, 8, capacity)
-    want = REF.dispatch_index(ids.cpu(), keep.cpu(), 8, capacity)
-    assert_index_equal(TritonBackend().dispatch_index(ids, keep, 8, capacity), want)
+    want = REF.dispatch_index(ids.cpu(), keep.cpu(), 8)
+    assert_index_equal(TritonBackend().dispatch_index(ids, keep, 8), want)
 
 
-def test_dispatch_index_rejects_overflow_and_bad_ids(device):
+def test_dispatch_index_rejects_bad_ids(device):
     ids, keep = random_routing(64, 2, 4, 0.0, device)
-    with pytest.raises(ValueError, match="capacity=5"):
-        TritonBackend().dispatch_index(ids, keep, 4, 5)
-    with pytest.raises(ValueError, match="capacity=5"):
-        REF.dispatch_index(ids, keep, 4, 5)
     bad = ids.clone()
     bad[3, 1] = 9
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        TritonBackend().dispatch_index(bad, keep, 4, None)
+        TritonBackend().dispatch_index(bad, keep, 4)
     keep[3, 1] = False  # a dropped copy's id is never looked at
-    want = REF.dispatch_index(bad, keep, 4, None)
-    assert_index_equal(TritonBackend().dispatch_index(bad, keep, 4, None), want)
+    want = REF.dispatch_index(bad, keep, 4)
+    assert_index_equal(TritonBackend().dispatch_index(bad, keep, 4), want)
     with pytest.raises(ValueError, match="keep must be a bool"):
-        TritonBackend().dispatch_index(ids, keep.int(), 4, None)
+        TritonBackend().dispatch_index(ids, keep.int(), 4)
 
 
 @pytest.mark.parametrize("hidden", [64, 40, 1056])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gather_rows_matches_reference(device, hidden, dtype):
     ids, keep = random_routing(30, 2, 6, 0.2, device)
-    keep = capacity_keep(ids, keep, 6, 8)
-    _, src, _ = REF.dispatch_index(ids, keep, 6, 8)
-    assert (src < 0).any(), "the case must contain padding rows"
+    _, src, _ = REF.dispatch_index(ids, keep, 6)
     x = torch.randn(30, hidden, device=device).to(dtype)
     got = TritonBackend().gather_rows(x, src)
     assert torch.equal(got.cpu(), REF.gather_rows(x.cpu(), src.cpu()))
-    assert not got[src < 0].any()
+    assert torch.equal(got.cpu(), x.cpu()[src.cpu()])
     # A view with row stride 2H (left half of a wider buffer) is read in place.
     wide = torch.randn(30, 2 * hidden, device=device).to(dtype)[:, :hidden]
     assert torch.equal(TritonBackend().gather_rows(wide, src).cpu(), REF.gather_rows(wide.cpu(), src.cpu()))
 
 
-@pytest.mark.parametrize("tokens,k,experts,capacity", [(50, 1, 4, None), (50, 2, 8, 12), (12, 8, 16, None)])
+@pytest.mark.parametrize("tokens,k,experts", [(50, 1, 4), (50, 2, 8), (12, 8, 16)])
 @pytest.mark.parametrize("with_gates", [True, False])
-def test_combine_matches_reference(device, tokens, k, experts, capacity, with_gates):
+def test_combine_matches_reference(device, tokens, k, experts, with_gates):
     ids, keep = random_routing(tokens, k, experts, 0.2, device)
-    if capacity is not None:
-        keep = capacity_keep(ids, keep, experts, capacity)
-    dest, src, _ = REF.dispatch_index(ids, keep, experts, capacity)
+    dest, src, _ = REF.dispatch_index(ids, keep, experts)
     hidden = 72
     y = dyadic((src.numel(), hidden), torch.float32, device)
     gates = (torch.randint(0, 8, (tokens, k)) / 4).to(device) if with_gates else None
@@ -141,7 +119,7 @@ def test_combine_matches_reference(device, tokens, k, experts, capacity, with_ga
 
 def test_combine_bf16_accumulates_in_fp32(device):
     ids, keep = random_routing(20, 8, 8, 0.0, device)
-    dest, src, _ = REF.dispatch_index(ids, keep, 8, None)
+    dest, src, _ = REF.dispatch_index(ids, keep, 8)
     # Partial sums of 1 + 2^-7 are not representable in bf16; only an fp32 accumulator gives exactly 8.0625.
     y = torch.full((src.numel(), 16), 1 + 2**-7, device=device).to(torch.bfloat16)
     got = TritonBackend().combine(y, dest, None)
@@ -151,7 +129,7 @@ def test_combine_bf16_accumulates_in_fp32(device):
 
 def test_combine_fp64_accumulates_in_fp64(device):
     ids, keep = random_routing(30, 2, 4, 0.1, device)
-    dest, src, _ = REF.dispatch_index(ids, keep, 4, None)
+    dest, src, _ = REF.dispatch_index(ids, keep, 4)
     y = torch.randn(src.numel(), 24, dtype=torch.float64, device=device) * 1e-9 + 1.0
     gates = torch.rand(30, 2, dtype=torch.float64, device=device)
     got = TritonBackend().combine(y, dest, gates)
@@ -161,38 +139,36 @@ def test_combine_fp64_accumulates_in_fp64(device):
 
 
 def test_empty_inputs_give_zero_rows(device):
-    """A rank that received no tokens still fills a padded buffer, and an empty y combines to zeros."""
-    src = torch.full((6,), -1, dtype=torch.long, device=device)
+    """A rank that received no tokens gathers no rows, and an empty y combines to zeros."""
+    src = torch.empty(0, dtype=torch.long, device=device)
     x = torch.empty(0, 16, device=device)
-    assert torch.equal(TritonBackend().gather_rows(x, src).cpu(), torch.zeros(6, 16))
+    for backend in (REF, TritonBackend()):
+        assert backend.gather_rows(x, src).shape == (0, 16)
     dest = torch.full((5, 2), -1, dtype=torch.long, device=device)
     y = torch.empty(0, 16, device=device)
     out = TritonBackend().combine(y, dest, torch.rand(5, 2, device=device))
     assert torch.equal(out.cpu(), torch.zeros(5, 16))
 
 
-def _layer_grads(backend, x, y_weight, gates, ids, keep, experts, capacity):
+def _layer_grads(backend, x, y_weight, gates, ids, keep, experts):
     x = x.detach().clone().requires_grad_(True)
     gates = gates.detach().clone().requires_grad_(True)
-    dest, src, _ = backend.dispatch_index(ids, keep, experts, capacity)
-    permuted = dispatch.permute(x, src, dest, backend)
+    dest, src, _ = backend.dispatch_index(ids, keep, experts)
+    permuted = dispatcher.permute(x, src, dest, backend)
     y = torch.tanh(permuted * y_weight)  # a stand-in for the experts, so every row matters
-    out = dispatch.unpermute_combine(y, gates, dest, src, backend)
+    out = dispatcher.unpermute_combine(y, gates, dest, src, backend)
     (out * torch.linspace(-1, 1, out.shape[1], device=out.device)).sum().backward()
     return out.detach(), x.grad, gates.grad
 
 
-@pytest.mark.parametrize("capacity", [None, 9])
-def test_gradients_match_reference(device, capacity):
+def test_gradients_match_reference(device):
     tokens, k, experts, hidden = 24, 2, 4, 32
     ids, keep = random_routing(tokens, k, experts, 0.2, device, seed=3)
-    if capacity is not None:
-        keep = capacity_keep(ids, keep, experts, capacity)
     x = torch.randn(tokens, hidden, device=device)
     gates = torch.rand(tokens, k, device=device)
     y_weight = torch.randn(hidden, device=device)
-    want = _layer_grads(REF, x.cpu(), y_weight.cpu(), gates.cpu(), ids.cpu(), keep.cpu(), experts, capacity)
-    got = _layer_grads(TritonBackend(), x, y_weight, gates, ids, keep, experts, capacity)
+    want = _layer_grads(REF, x.cpu(), y_weight.cpu(), gates.cpu(), ids.cpu(), keep.cpu(), experts)
+    got = _layer_grads(TritonBackend(), x, y_weight, gates, ids, keep, experts)
     for name, g, w in zip(("out", "grad x", "grad gates"), got, want):
         torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -204,12 +180,12 @@ def test_import_without_triton_raises_import_error(monkeypatch):
         importlib.import_module("smile.moe.kernels.triton_dispatch")
     with pytest.raises(ImportError):
         from smile.moe.kernels import TritonBackend  # noqa: F401
-    dispatch._load_backend.cache_clear()  # other tests may have loaded it already
+    kernels._load_backend.cache_clear()  # other tests may have loaded it already
     try:
         with pytest.raises(RuntimeError, match="'triton' requested but not available"):
-            dispatch.get_backend("triton")
+            kernels.get_backend("triton")
     finally:
-        dispatch._load_backend.cache_clear()
+        kernels._load_backend.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------- GPU
@@ -233,27 +209,24 @@ def _gpu_backend(name: str):
 
 
 GPU_CASES = [
-    (4096, 2, 64, None),
-    (4096, 2, 64, 160),
-    (1024, 8, 256, None),
-    (777, 1, 8, 120),
-    (500, 3, 16, None),  # k not a multiple of the rows a CUDA thread loads together
-    (3, 2, 4, None),
+    (4096, 2, 64),
+    (1024, 8, 256),
+    (777, 1, 8),
+    (500, 3, 16),  # k not a multiple of the rows a CUDA thread loads together
+    (3, 2, 4),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", GPU_BACKENDS)
-@pytest.mark.parametrize("tokens,k,experts,capacity", GPU_CASES)
+@pytest.mark.parametrize("tokens,k,experts", GPU_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_backend_matches_reference(name, tokens, k, experts, capacity, dtype):
+def test_gpu_backend_matches_reference(name, tokens, k, experts, dtype):
     backend = _gpu_backend(name)
     cuda = torch.device("cuda")
     ids, keep = random_routing(tokens, k, experts, 0.1, cuda, seed=tokens)
-    if capacity is not None:
-        keep = capacity_keep(ids, keep, experts, capacity)
-    want_index = REF.dispatch_index(ids, keep, experts, capacity)
-    dest, src, counts = backend.dispatch_index(ids, keep, experts, capacity)
+    want_index = REF.dispatch_index(ids, keep, experts)
+    dest, src, counts = backend.dispatch_index(ids, keep, experts)
     assert_index_equal((dest, src, counts), want_index)
     for hidden in (1024, 7168, 36, 7):  # 16-byte vectors, and narrower fallbacks
         x = torch.randn(tokens, hidden, device=cuda).to(dtype)
@@ -276,7 +249,7 @@ def test_gpu_combine_fp64(name):
     backend = _gpu_backend(name)
     cuda = torch.device("cuda")
     ids, keep = random_routing(300, 5, 16, 0.1, cuda, seed=9)
-    dest, src, _ = REF.dispatch_index(ids, keep, 16, None)
+    dest, src, _ = REF.dispatch_index(ids, keep, 16)
     y = torch.randn(src.numel(), 40, dtype=torch.float64, device=cuda) * 1e-9 + 1.0
     gates = torch.rand(300, 5, dtype=torch.float64, device=cuda)
     got = backend.combine(y, dest, gates)
@@ -289,14 +262,13 @@ def test_gpu_combine_fp64(name):
 def test_gpu_gradients_match_reference(name):
     backend = _gpu_backend(name)
     cuda = torch.device("cuda")
-    tokens, k, experts, hidden, capacity = 512, 2, 16, 256, 80
+    tokens, k, experts, hidden = 512, 2, 16, 256
     ids, keep = random_routing(tokens, k, experts, 0.1, cuda, seed=5)
-    keep = capacity_keep(ids, keep, experts, capacity)
     x = torch.randn(tokens, hidden, device=cuda)
     gates = torch.rand(tokens, k, device=cuda)
     y_weight = torch.randn(hidden, device=cuda)
-    want = _layer_grads(REF, x, y_weight, gates, ids, keep, experts, capacity)
-    got = _layer_grads(backend, x, y_weight, gates, ids, keep, experts, capacity)
+    want = _layer_grads(REF, x, y_weight, gates, ids, keep, experts)
+    got = _layer_grads(backend, x, y_weight, gates, ids, keep, experts)
     for label, g, w in zip(("out", "grad x", "grad gates"), got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=label)
 
@@ -305,5 +277,5 @@ def test_gpu_gradients_match_reference(name):
 def test_gpu_auto_backend_prefers_fused_kernels():
     if not HAS_CUDA:
         pytest.skip("no CUDA device")
-    backend = dispatch.get_backend("auto", torch.device("cuda"))
+    backend = kernels.get_backend("auto", torch.device("cuda"))
     assert backend.name in ("cuda", "triton")

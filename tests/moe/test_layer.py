@@ -5,25 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from smile.moe.dispatcher import permute, unpermute_combine
 from smile.moe.exchange import regroup_index
-from smile.dispatch import TorchBackend, get_backend, permute, unpermute_combine
+from smile.moe.kernels import TorchBackend, get_backend
 from smile.moe.layer import MoELayer
 from smile.moe.routing import capacity_keep
 from smile.moe.topology import Topology
 
 
-def test_dispatch_index_layout_padded_and_dropless():
+def test_dispatch_index_layout_dropless():
     ids = torch.tensor([[2, 0], [0, 1], [2, 2]])
     keep = torch.tensor([[True, True], [False, True], [True, True]])
     backend = TorchBackend()
-    dest, src, counts = backend.dispatch_index(ids, keep, 3, None)
+    dest, src, counts = backend.dispatch_index(ids, keep, 3)
     assert counts.tolist() == [1, 1, 3]
     # expert 0: (t0,j1); expert 1: (t1,j1); expert 2: (t0,j0), (t2,j0), (t2,j1)
     assert dest.tolist() == [[2, 0], [-1, 1], [3, 4]]
     assert src.tolist() == [0, 1, 0, 2, 2]
-    dest, src, counts = backend.dispatch_index(ids, keep, 3, capacity=3)
-    assert dest.tolist() == [[6, 0], [-1, 3], [7, 8]]
-    assert src.tolist() == [0, -1, -1, 1, -1, -1, 0, 2, 2]
 
 
 def test_permute_and_combine_gradients_are_exact():
@@ -31,7 +29,7 @@ def test_permute_and_combine_gradients_are_exact():
     backend = TorchBackend()
     ids = torch.randint(0, 4, (6, 2))
     keep = capacity_keep(ids, 4, 3) & (torch.rand(6, 2) > 0.2)
-    dest, src, _ = backend.dispatch_index(ids, keep, 4, capacity=3)
+    dest, src, _ = backend.dispatch_index(ids, keep, 4)
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     gates = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
 
@@ -56,15 +54,15 @@ def test_layer_errors_name_the_problem():
         MoELayer(8, 16, 4)(torch.randn(3, 9))
     with pytest.raises(ValueError, match="dispatcher 'local'"):
         MoELayer(8, 16, 4, dispatcher="local", topology=Topology(1, 2, rank=0))
-    with pytest.raises(ValueError, match="allowed: flat, hierarchical, local"):
+    with pytest.raises(ValueError, match="allowed: auto, flat, hierarchical, local"):
         MoELayer(8, 16, 4, dispatcher="ring")
     with pytest.raises(ValueError, match="allowed: auto, torch, triton, cuda"):
         get_backend("fast")
 
 
 def test_topology_errors_and_coordinates(monkeypatch):
-    with pytest.raises(ValueError, match="does not tile the world size 1"):
-        Topology.simulated(2, 2)
+    with pytest.raises(ValueError, match="sim_nodes=2 does not tile the world size 1"):
+        Topology.from_env(sim_nodes=2)
     with pytest.raises(ValueError, match="gpus_per_node must be a positive int"):
         Topology(2, 0)
     monkeypatch.setenv("WORLD_SIZE", "6")
@@ -73,12 +71,12 @@ def test_topology_errors_and_coordinates(monkeypatch):
         Topology.from_env(sim_nodes=4)
     topo = Topology.from_env(sim_nodes=3)
     assert (topo.nodes, topo.gpus_per_node, topo.node, topo.local_rank) == (3, 2, 2, 0)
-    assert topo.inter_node_ranks() == [0, 2, 4]
-    assert topo.intra_node_ranks() == [4, 5]
+    assert topo.group_ranks("inter") == [0, 2, 4]
+    assert topo.group_ranks("intra") == [4, 5]
     replicated = Topology(4, 2, rank=5, ep_nodes=2)
-    assert replicated.ep_ranks() == [4, 5, 6, 7]
-    assert replicated.inter_node_ranks() == [5, 7]
-    assert replicated.expert_data_parallel_ranks() == [1, 5]
+    assert replicated.group_ranks("ep") == [4, 5, 6, 7]
+    assert replicated.group_ranks("inter") == [5, 7]
+    assert replicated.group_ranks("edp") == [1, 5]
 
 
 def test_same_seed_gives_same_experts_on_any_topology():

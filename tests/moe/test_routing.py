@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from smile.moe.config import MoEConfig
 from smile.moe.routing import BilevelRouter, SwitchRouter, TopKRouter, build_router, capacity_keep
 
 
@@ -124,9 +125,9 @@ def test_z_loss_and_jitter_options():
     ],
 )
 def test_router_config_errors_name_the_field(kwargs, match):
-    name = kwargs.pop("name")
+    name, num_nodes = kwargs.pop("name"), kwargs.pop("num_nodes", 1)
     with pytest.raises(ValueError, match=match):
-        build_router(name, 8, 4, **kwargs)
+        build_router(MoEConfig(num_experts=4, router=name, **kwargs), 8, num_nodes)
 
 
 def test_non_finite_logits_and_wrong_hidden_size_raise():

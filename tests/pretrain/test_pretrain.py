@@ -16,14 +16,14 @@ import torch
 from safetensors import safe_open
 
 from smile.cli import main as smile_main
-from smile.hf.moefy import moe_modules
 from smile.data import DataConfig, build_dataloader, build_tokenizer
 from smile.data.embedded import embedded_documents
+from smile.hf import moe_modules
+from smile.moe.topology import Topology
 from smile.pretrain.config import load_job
 from smile.pretrain.job import train_worker
 from smile.runtime import ConfigError, config_to_dict
 from smile.testing import run_distributed
-from smile.moe.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from smile.runtime import checkpoint as ckpt
-from smile.runtime.serialization import decode, encode
 from smile.runtime.config import (
     ConfigError,
     OptimizerConfig,
@@ -26,6 +25,7 @@ from smile.runtime.config import (
 )
 from smile.runtime.optim import build_optimizer, make_optimizer, param_groups
 from smile.runtime.schedule import lr_at
+from smile.runtime.serialization import decode, encode
 
 YAML = """
 run_dir: runs/x

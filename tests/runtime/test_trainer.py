@@ -17,9 +17,9 @@ from torch import nn
 
 from smile.moe.experts import mark_expert_parameter
 from smile.moe.layer import MoELayer
+from smile.moe.topology import Topology
 from smile.runtime.schedule import lr_at
 from smile.testing import run_distributed
-from smile.moe.topology import Topology
 
 pytestmark = pytest.mark.slow
 
@@ -412,7 +412,7 @@ def cluster_job(topo, tmp: str, reference_dir: str) -> dict:
     from smile.runtime.state import model_state
 
     out: dict = {"times": {}}
-    runs = {0: topo, 1: topo, 2: topo, 3: Topology.simulated(2, 2, ep_nodes=1)}
+    runs = {0: topo, 1: topo, 2: topo, 3: Topology.from_env(sim_nodes=2, ep_nodes=1)}
     for zero, run_topo in runs.items():
         began = time.perf_counter()
         model = MoENet(run_topo)

@@ -76,7 +76,11 @@ def test_hierarchical_loses_on_one_node_and_wins_at_scale():
     # the alpha term is what hierarchical saves: without latency the advantage disappears
     no_alpha = replace(big, inter_latency=0.0, intra_latency=0.0)
     assert cm.all2all_time(no_alpha, "hierarchical", size) >= cm.all2all_time(no_alpha, "flat", size)
-    assert cm.crossover_size(spec.with_nodes(1), [2**k for k in range(10, 28)]) is None
+    one_node = spec.with_nodes(1)  # one node: the extra hop never pays, at any size
+    assert all(
+        cm.all2all_time(one_node, "hierarchical", 2**k) >= cm.all2all_time(one_node, "flat", 2**k)
+        for k in range(10, 28)
+    )
     assert 2 <= cm.crossover_nodes(spec, size) <= 8
     assert cm.crossover_nodes(no_alpha, size, max_nodes=64) is None
 
@@ -94,7 +98,7 @@ def test_layer_step_terms_and_projection():
     assert rows[0]["speedup"] < 1 < rows[1]["speedup"] < rows[2]["speedup"]
     for r in rows:
         assert r["speedup"] == pytest.approx(r["switch_step_ms"] / r["smile_step_ms"])
-    assert cm.tokens_per_second(spec, w, "smile") > cm.tokens_per_second(spec, w, "switch")
+    assert smile["total"] < switch["total"]
 
 
 def test_calibrated_flops_reproduce_the_step_and_only_the_matmul_rate_moves():

@@ -14,9 +14,7 @@ def _same_device(op: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{op}: tensors must share one device, got {devices}")
 
 
-def check_index_args(
-    expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: int, capacity: int | None
-) -> None:
+def check_index_args(expert_ids: torch.Tensor, keep: torch.Tensor, num_experts: int) -> None:
     if expert_ids.dim() != 2 or expert_ids.dtype not in _INT_DTYPES:
         raise ValueError(
             f"dispatch_index: expert_ids must be a [T, k] int64/int32 tensor, got shape "
@@ -30,8 +28,6 @@ def check_index_args(
     _same_device("dispatch_index", expert_ids=expert_ids, keep=keep)
     if num_experts < 1:
         raise ValueError(f"dispatch_index: num_experts must be >= 1, got {num_experts}")
-    if capacity is not None and capacity < 0:
-        raise ValueError(f"dispatch_index: capacity must be None (dropless) or >= 0, got {capacity}")
     if expert_ids.numel() > _MAX_COPIES:
         raise ValueError(f"dispatch_index: at most {_MAX_COPIES} copies (T*k), got {expert_ids.numel()}")
 
@@ -66,17 +62,12 @@ def check_combine_args(y: torch.Tensor, dest: torch.Tensor, gates: torch.Tensor 
         _same_device("combine", y=y, dest=dest)
 
 
-def check_index_stats(out_of_range: int, max_count: int, num_experts: int, capacity: int | None) -> None:
-    """Host-side checks on the counts a dispatch_index kernel produced (same errors as the reference)."""
+def check_index_stats(out_of_range: int, num_experts: int) -> None:
+    """Host-side check on the counts a dispatch_index kernel produced."""
     if out_of_range:
         raise ValueError(
             f"dispatch_index: expert_ids of kept copies must lie in [0, {num_experts}); "
             f"{out_of_range} are out of range"
-        )
-    if capacity is not None and max_count > capacity:
-        raise ValueError(
-            f"dispatch: an expert keeps more than capacity={capacity} tokens; "
-            "the router's keep mask must enforce the capacity"
         )
 
 
@@ -87,19 +78,17 @@ def kept_total_mismatch(kept_total: int) -> str:
     )
 
 
-def index_rows(stats: torch.Tensor, num_experts: int, capacity: int | None, kept_total: int | None) -> int:
-    """Rows of the permuted buffer, from a kernel's ``[kept total, max count, out-of-range ids]``.
+def index_rows(stats: torch.Tensor, num_experts: int, kept_total: int | None) -> int:
+    """Rows of the (dropless) permuted buffer, from a kernel's ``[kept total, out-of-range ids]``.
 
-    Dropless with ``kept_total`` given: checked on the device, so the host never waits for the
-    kernel (a failed check is a device-side assert). Otherwise read back and checked on the host.
+    With ``kept_total`` given: checked on the device, so the host never waits for the kernel (a
+    failed check is a device-side assert). Otherwise read back and checked on the host.
     """
-    if capacity is None and kept_total is not None:
+    if kept_total is not None:
         out_of_range = f"dispatch_index: expert_ids of kept copies must lie in [0, {num_experts})"
-        torch._assert_async(stats[2] == 0, out_of_range)
+        torch._assert_async(stats[1] == 0, out_of_range)
         torch._assert_async(stats[0] == kept_total, kept_total_mismatch(kept_total))
         return kept_total
-    kept, max_count, out_of_range = stats.tolist()
-    check_index_stats(out_of_range, max_count, num_experts, capacity)
-    if kept_total is not None and kept != kept_total:
-        raise ValueError(kept_total_mismatch(kept_total))
-    return num_experts * capacity if capacity is not None else kept
+    kept, out_of_range = stats.tolist()
+    check_index_stats(out_of_range, num_experts)
+    return kept

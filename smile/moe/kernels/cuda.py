@@ -1,4 +1,4 @@
-"""Dispatch ops from the compiled CUDA extension ``smile._C`` (built by setup.py where nvcc exists).
+"""Dispatch ops from the compiled CUDA extension ``smile.moe._C`` (built by setup.py where nvcc exists).
 
 Importing this module raises ImportError when the extension is missing, which smile.moe.kernels
 logs once and answers by falling back to the Triton or torch backend.
@@ -11,10 +11,10 @@ import torch
 from smile.moe.kernels.common import check_combine_args, check_gather_args, check_index_args, index_rows
 
 try:
-    from smile import _C
+    from smile.moe import _C
 except ImportError as err:
     raise ImportError(
-        "smile._C (the CUDA dispatch extension) is not built; build it where nvcc and a CUDA build of "
+        "smile.moe._C (the CUDA dispatch extension) is not built; build it where nvcc and a CUDA build of "
         "torch exist with `python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`"
         f" ({err})"
     ) from err
@@ -35,19 +35,16 @@ class CudaBackend:
         expert_ids: torch.Tensor,
         keep: torch.Tensor,
         num_experts: int,
-        capacity: int | None,
         kept_total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_index_args(expert_ids, keep, num_experts, capacity)
+        check_index_args(expert_ids, keep, num_experts)
         _check_cuda("dispatch_index", expert_ids)
         tokens, k = expert_ids.shape
-        expert, rank, offsets, base, counts, stats = _C.index_count(
-            expert_ids, keep, num_experts, -1 if capacity is None else capacity
-        )
-        num_rows = index_rows(stats, num_experts, capacity, kept_total)
+        expert, rank, offsets, base, counts, stats = _C.index_count(expert_ids, keep, num_experts)
+        num_rows = index_rows(stats, num_experts, kept_total)
         if k == 0:
             empty = torch.empty((tokens, 0), dtype=torch.long, device=expert_ids.device)
-            return empty, torch.full((num_rows,), -1, dtype=torch.long, device=expert_ids.device), counts
+            return empty, torch.empty(num_rows, dtype=torch.long, device=expert_ids.device), counts
         dest, src = _C.index_write(expert, rank, offsets, base, num_rows, k)
         return dest.view(tokens, k), src, counts
 

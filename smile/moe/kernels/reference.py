@@ -3,12 +3,13 @@
 The layout is fixed by three index tensors computed once per step by ``dispatch_index``:
 
 * ``dest``   [T, k]  row of the permuted buffer holding copy j of token t, or -1 if dropped;
-* ``src``    [R]     token whose copy sits in row r, or -1 for a padding row;
+* ``src``    [R]     token whose copy sits in row r;
 * ``counts`` [E]     rows used by each expert.
 
+The buffer is dropless: ``R = sum(counts)`` rows holding only the kept copies, grouped by expert
+(expert e owns the ``counts[e]`` rows after those of experts ``0 .. e-1``), with no padding rows.
 Within an expert, kept copies are laid out in flattened ``t * k + j`` order, so the layout is
-deterministic. With a ``capacity`` C the buffer is ``E * C`` rows (expert e owns rows
-``[e*C, (e+1)*C)``, unused rows are zero); without one it is dropless: ``sum(counts)`` rows.
+deterministic. A capacity, if any, is enforced by the router's keep mask before the index is built.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class DispatchBackend(Protocol):
         expert_ids: torch.Tensor,
         keep: torch.Tensor,
         num_experts: int,
-        capacity: int | None,
         kept_total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``kept_total``: the number of kept copies when the caller knows it (dropless: T * k).
@@ -56,7 +56,6 @@ class TorchBackend:
         expert_ids: torch.Tensor,
         keep: torch.Tensor,
         num_experts: int,
-        capacity: int | None,
         kept_total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tokens, k = expert_ids.shape
@@ -66,35 +65,18 @@ class TorchBackend:
         key = torch.where(flat_keep, flat_ids, torch.full_like(flat_ids, num_experts))
         order = torch.argsort(key, stable=True)
         counts = torch.bincount(flat_ids[flat_keep], minlength=num_experts)
-        offsets = torch.cumsum(counts, 0) - counts
         kept = int(counts.sum())  # the reference reads it back, given or not, and checks the claim
         if kept_total is not None and kept != kept_total:
             raise ValueError(kept_total_mismatch(kept_total))
-        kept_total = kept
-        sorted_ids = key[order][:kept_total]
-        rank_in_expert = torch.arange(kept_total, device=flat_ids.device) - offsets[sorted_ids]
-        base = sorted_ids * capacity if capacity is not None else offsets[sorted_ids]
-        rows = base + rank_in_expert
-        if capacity is not None and kept_total and int(rank_in_expert.max()) >= capacity:
-            raise ValueError(
-                f"dispatch: an expert keeps more than capacity={capacity} tokens; "
-                "the router's keep mask must enforce the capacity"
-            )
+        # Kept copies come first in ``order``, grouped by expert: the i-th of them takes row i.
+        kept_order = order[:kept]
         dest = torch.full((tokens * k,), -1, dtype=torch.long, device=flat_ids.device)
-        dest[order[:kept_total]] = rows
-        num_rows = num_experts * capacity if capacity is not None else kept_total
-        src = torch.full((num_rows,), -1, dtype=torch.long, device=flat_ids.device)
-        src[rows] = order[:kept_total] // k
+        dest[kept_order] = torch.arange(kept, device=flat_ids.device)
+        src = kept_order // k
         return dest.view(tokens, k), src, counts
 
     def gather_rows(self, x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 0:  # a rank with no tokens still fills its padded buffer
-            return x.new_zeros(src.numel(), x.shape[1])
-        valid = src >= 0
-        if bool(valid.all()):  # no padding rows (the layer never pads)
-            return x.index_select(0, src)
-        out = x.index_select(0, src.clamp(min=0))
-        return out.masked_fill(~valid.unsqueeze(1), 0)  # true zeros, even next to inf/NaN rows
+        return x.index_select(0, src)  # every row holds a kept copy (no padding); empty src: [0, H]
 
     def combine(self, y: torch.Tensor, dest: torch.Tensor, gates: torch.Tensor | None) -> torch.Tensor:
         if y.shape[0] == 0:  # every copy dropped or sent nowhere

@@ -1,10 +1,10 @@
 """Triton kernels for token dispatch: destination index, row gather (permute) and gather-combine.
 
-The layout and results are those of :class:`smile.moe.kernels.reference.TorchBackend` (the reference), but each
-op is one or a few memory-bound kernels instead of argsort + scatter (index) and upcast +
-index_add (combine). Combine is a gather: every output token reads its k rows, accumulates in
-fp32 (fp64 for fp64 inputs, as the reference does) and writes once, so there are no atomics and
-results are deterministic.
+The layout and results are those of :class:`smile.moe.kernels.reference.TorchBackend` (the
+reference), but each op is one or a few memory-bound kernels instead of argsort + scatter (index)
+and upcast + index_add (combine). Combine is a gather: every output token reads its k rows,
+accumulates in fp32 (fp64 for fp64 inputs, as the reference does) and writes once, so there are no
+atomics and results are deterministic.
 
 Importing this module needs triton (dispatch.py treats the ImportError as "backend unavailable").
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels also run on CPU
@@ -76,20 +76,14 @@ def _scan_blocks_kernel(hist_ptr, counts_ptr, num_blocks, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _expert_base_kernel(counts_ptr, base_ptr, stats_ptr, num_experts, capacity,
-                        DROPLESS: tl.constexpr, EP: tl.constexpr):
-    """First row of each expert, plus [kept total, max count, out-of-range ids] for the host."""
+def _expert_base_kernel(counts_ptr, base_ptr, stats_ptr, num_experts, EP: tl.constexpr):
+    """First row of each expert (dropless: earlier experts' counts), plus [kept total, out-of-range ids]."""
     e = tl.arange(0, EP)
     mask = e < num_experts
     c = tl.load(counts_ptr + e, mask=mask, other=0)
-    if DROPLESS:
-        base = tl.cumsum(c, axis=0) - c
-    else:
-        base = e.to(tl.int64) * capacity
-    tl.store(base_ptr + e, base, mask=mask)
+    tl.store(base_ptr + e, tl.cumsum(c, axis=0) - c, mask=mask)
     tl.store(stats_ptr, tl.sum(c, axis=0))
-    tl.store(stats_ptr + 1, tl.max(c, axis=0))
-    tl.store(stats_ptr + 2, tl.load(counts_ptr + num_experts))
+    tl.store(stats_ptr + 1, tl.load(counts_ptr + num_experts))
 
 
 @triton.jit
@@ -112,7 +106,7 @@ def _write_index_kernel(eid_ptr, rank_ptr, offsets_ptr, base_ptr, dest_ptr, src_
 @triton.jit
 def _gather_rows_kernel(x_ptr, src_ptr, out_ptr, num_rows, hidden, stride_x,
                         BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[r, cols] = x[src[r], cols], zeros where src[r] == -1 (a padding row)."""
+    """out[r, cols] = x[src[r], cols]; zeros for a negative src (a guard: the dropless layout has none)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < num_rows
@@ -188,10 +182,9 @@ class TritonBackend:
         expert_ids: torch.Tensor,
         keep: torch.Tensor,
         num_experts: int,
-        capacity: int | None,
         kept_total: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        check_index_args(expert_ids, keep, num_experts, capacity)
+        check_index_args(expert_ids, keep, num_experts)
         self._check_device(expert_ids)
         tokens, k = expert_ids.shape
         n = tokens * k
@@ -199,8 +192,7 @@ class TritonBackend:
         long = dict(dtype=torch.long, device=device)
         counts = torch.zeros(num_experts + 1, **long)  # last slot: kept copies with an out-of-range id
         if n == 0:
-            rows = num_experts * capacity if capacity is not None else 0
-            return torch.empty((tokens, k), **long), torch.full((rows,), -1, **long), counts[:num_experts]
+            return torch.empty((tokens, k), **long), torch.empty(0, **long), counts[:num_experts]
         ids = expert_ids.reshape(-1).contiguous()
         keep_u8 = keep.reshape(-1).contiguous().view(torch.uint8)
         num_blocks = triton.cdiv(n, _INDEX_BLOCK)
@@ -211,11 +203,10 @@ class TritonBackend:
                                              BLOCK=_INDEX_BLOCK, num_warps=8)
         _scan_blocks_kernel[(num_experts + 1,)](hist, counts, num_blocks, BLOCK=_SCAN_BLOCK)
         base = torch.empty(num_experts, **long)
-        stats = torch.empty(3, **long)
-        _expert_base_kernel[(1,)](counts, base, stats, num_experts, capacity or 0,
-                                  DROPLESS=capacity is None, EP=triton.next_power_of_2(num_experts))
-        num_rows = index_rows(stats, num_experts, capacity, kept_total)
-        src = torch.full((num_rows,), -1, **long)
+        stats = torch.empty(2, **long)
+        _expert_base_kernel[(1,)](counts, base, stats, num_experts, EP=triton.next_power_of_2(num_experts))
+        num_rows = index_rows(stats, num_experts, kept_total)
+        src = torch.empty(num_rows, **long)  # every row gets its kept copy's token
         dest = torch.empty(n, **long)
         _write_index_kernel[(num_blocks,)](expert, rank, hist, base, dest, src, n, k, num_blocks,
                                            BLOCK=_INDEX_BLOCK)

@@ -50,7 +50,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run CMD under a time limit, log to $OUT/
 
 dispatch_checks() {
     step build 200 "$PYTHON" setup.py build_ext --inplace
-    step tests 150 "$PYTHON" -m pytest -m gpu tests/test_kernels.py -v -rs -p no:cacheprovider
+    step tests 150 "$PYTHON" -m pytest -m gpu tests/moe/test_kernels.py -v -rs -p no:cacheprovider
     step bench 200 "$PYTHON" benchmarks/dispatch_bench.py --device cuda --out "$OUT"
 }
 
@@ -58,7 +58,7 @@ layer_checks() {
     if ! "$PYTHON" -c "import deepspeed" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
         step deepspeed 120 "$PYTHON" -m pip install --no-index --no-deps --quiet .whl/*.whl
     fi
-    step layer-tests 240 "$PYTHON" -m pytest tests/test_grouped_gemm.py -v -rs -p no:cacheprovider
+    step layer-tests 240 "$PYTHON" -m pytest tests/moe/test_grouped_gemm.py -v -rs -p no:cacheprovider
     step layer-bench 300 "$PYTHON" benchmarks/moe_layer_gpu_bench.py --profile --json "$OUT/moe_layer.json"
 }
 

@@ -151,7 +151,7 @@ class MoEConfig:
         """Raise before any layer is built if the experts cannot be laid out over ``topology``."""
         if self.num_experts % topology.ep_size:
             raise MoEConfigError(
-                f"{where}.num_experts={self.num_experts} is not divisible by the expert-parallel size "
+                f"{where}.num_experts={self.num_experts} must be a multiple of the expert-parallel size "
                 f"{topology.ep_size} ({topology.ep_nodes} nodes x {topology.gpus_per_node} gpus_per_node)"
             )
         if self.dispatcher == "local" and topology.ep_size > 1:

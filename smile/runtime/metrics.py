@@ -92,7 +92,7 @@ def maybe_profile(enabled: bool, model: torch.nn.Module):
 
 @contextmanager
 def _labelled_modules(model: torch.nn.Module):
-    """Open a ``smile.router`` / ``smile.moe.experts`` profiler region around those modules' forward."""
+    """Open a ``smile.router`` / ``smile.experts`` profiler region around those modules' forward."""
     from smile.moe.experts import ExpertFFN
     from smile.moe.routing import Router
 
@@ -101,7 +101,7 @@ def _labelled_modules(model: torch.nn.Module):
         label = (
             "smile.router"
             if isinstance(module, Router)
-            else "smile.moe.experts"
+            else "smile.experts"
             if isinstance(module, ExpertFFN)
             else None
         )

@@ -48,7 +48,7 @@ def test_regroup_index_moves_variable_blocks():
 
 
 def test_layer_errors_name_the_problem():
-    with pytest.raises(ValueError, match="not divisible by the expert-parallel size 4"):
+    with pytest.raises(ValueError, match="must be a multiple of the expert-parallel size 4"):
         MoELayer(8, 16, 6, topology=Topology(2, 2, rank=0))
     with pytest.raises(ValueError, match="d_model=8"):
         MoELayer(8, 16, 4)(torch.randn(3, 9))

@@ -3,7 +3,7 @@ torchrun (--max-restarts=1) restarts the job, which skips the cut-off checkpoint
 the last complete one and ends exactly where an uninterrupted run (made afterwards by the same
 processes with a fresh Trainer) ends.
 
-This file is also the job torchrun runs (``python tests/test_runtime_fault.py RUN_DIR``).
+This file is also the job torchrun runs (``python tests/runtime/test_fault.py RUN_DIR``).
 """
 
 from __future__ import annotations

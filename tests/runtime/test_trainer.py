@@ -336,7 +336,7 @@ class MoENet(nn.Module):
             EXPERTS,
             router="topk",
             k=2,
-            dispatcher=None if topology.ep_size == 1 else "flat",
+            dispatcher="flat",  # "local" on one rank
             capacity_factor=None,
             topology=topology,
             backend="torch",

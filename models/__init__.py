@@ -1,8 +1,23 @@
 """The smile model zoo: methods from related papers, each training through ``smile.runtime``.
 
-Installed as ``smile.models``; one sub-package per method. Importing a method's package
-registers it in :mod:`smile.models.registry` (cheaply: its heavy modules load on use), so
-importing ``smile.models`` fills the registry with the whole zoo.
+Installed as ``smile.models``; one sub-package per method, registered below by import paths (so
+importing ``smile.models`` loads no method: :mod:`smile.models.registry` imports on use).
 """
 
-from smile.models import lemda, peft_design_spaces, trap_replace  # noqa: F401  (each registers itself)
+from smile.models.registry import ZooMethod, register
+
+register(ZooMethod(
+    "lemda", "smile.models.lemda.config:JobConfig", "smile.models.lemda.job:train",
+    "smile.models.lemda.job:evaluate",
+    summary="LeMDA: a multimodal classifier with learned feature-space augmentation (ICLR 2023)",
+))  # fmt: skip
+register(ZooMethod(
+    "peft_design_spaces", "smile.models.peft_design_spaces.training:JobConfig",
+    "smile.models.peft_design_spaces.method:train", "smile.models.peft_design_spaces.method:evaluate",
+    summary="PEFT design spaces: S4 parameter-efficient fine-tuning of T5/RoBERTa (ICLR 2023)",
+))  # fmt: skip
+register(ZooMethod(
+    "trap_replace", "smile.models.trap_replace.config:TrapReplaceConfig",
+    "smile.models.trap_replace.method:train", "smile.models.trap_replace.method:evaluate",
+    summary="Trap and Replace: a backdoor defense with a replaceable classification head (NeurIPS 2022)",
+))  # fmt: skip

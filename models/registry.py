@@ -1,11 +1,11 @@
 """The zoo registry: each method of ``smile.models`` registers a :class:`ZooMethod` on import.
 
-A method's package (``models/<method>/__init__.py``) calls :func:`register` with its name, its
-job config class, its train and evaluate entry points and its ``cli`` module. Config classes and
-entry points may be given as import paths (``"package.module:attribute"``) so that registering
-imports nothing heavy; :meth:`ZooMethod.load_train` and friends import them on use.
-``import smile.models`` imports every method package, so :func:`get` and :func:`available` see
-the whole zoo.
+``smile.models`` (``models/__init__.py``) calls :func:`register` for each method with its name,
+its job config class, its train and evaluate entry points (and optionally its ``cli`` module and
+``configs/`` folder). Config classes and entry points are import paths
+(``"package.module:attribute"``) so that registering imports nothing heavy;
+:meth:`ZooMethod.load_train` and friends import them on use. A method outside the package
+registers itself the same way.
 
 :func:`resolve_config` is the one way a method's command line turns ``--config VALUE`` into a
 file: an existing path, or the name of a file in the method's ``configs/`` folder.
@@ -104,7 +104,7 @@ def register(method: ZooMethod) -> ZooMethod:
 
 
 def _load_zoo() -> None:
-    import smile.models  # noqa: F401  (its __init__ imports every method package)
+    import smile.models  # noqa: F401  (its __init__ registers every method)
 
 
 def available() -> list[str]:
@@ -156,23 +156,3 @@ def resolve_config(method: ZooMethod | str, value: str | Path | None) -> Path | 
         f"zoo method {zoo_method.name!r}: no config file or bundled config {str(value)!r}; "
         f"bundled configs: {bundled}"
     )
-
-
-def lazy_exports(module_name: str, exports: dict[str, Iterable[str]]):
-    """``__getattr__`` and ``__dir__`` for a package whose public names live in submodules
-    (``{"config": ("JobConfig", ...)}``): each submodule is imported on first use of one of its
-    names, so importing the package stays cheap."""
-    where = {name: submodule for submodule, names in exports.items() for name in names}
-
-    def __getattr__(name: str) -> Any:
-        submodule = where.get(name)
-        if submodule is None:
-            raise AttributeError(f"module {module_name!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f"{module_name}.{submodule}"), name)
-        vars(importlib.import_module(module_name))[name] = value
-        return value
-
-    def __dir__() -> list[str]:
-        return sorted({*vars(importlib.import_module(module_name)), *where})
-
-    return __getattr__, __dir__

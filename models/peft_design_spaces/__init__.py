@@ -4,64 +4,27 @@ A design is layer grouping x parameter allocation x tunable groups x per-group s
 (Adapter, Prefix, BitFit, LoRA). ``apply_design`` attaches one to a frozen backbone;
 ``DesignSpaceSearch`` runs the paper's greedy progressive refinement; the ``smile zoo
 peft_design_spaces`` command trains, evaluates and searches through smile.runtime.
-
-The public names below are imported from their submodules on first use, so that importing the
-package (and registering it in the zoo) stays cheap.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from smile.models.registry import ZooMethod, lazy_exports, register
-
-METHOD = register(
-    ZooMethod(
-        name="peft_design_spaces",
-        config_class="smile.models.peft_design_spaces.training:JobConfig",
-        train="smile.models.peft_design_spaces.method:train",
-        evaluate="smile.models.peft_design_spaces.method:evaluate",
-        cli="smile.models.peft_design_spaces.cli",
-        summary="PEFT design spaces: S4 parameter-efficient fine-tuning of T5/RoBERTa (ICLR 2023)",
-    )
+from smile.models.peft_design_spaces.config import (
+    ALLOCATIONS,
+    GROUPINGS,
+    S4_ROBERTA_BASE,
+    S4_STRATEGIES,
+    S4_T5_BASE,
+    STRATEGIES,
+    DesignSpaceConfig,
+    GroupSpec,
+    group_sizes_for,
 )
-
-_EXPORTS = {
-    "config": (
-        "ALLOCATIONS",
-        "GROUPINGS",
-        "S4_ROBERTA_BASE",
-        "S4_STRATEGIES",
-        "S4_T5_BASE",
-        "STRATEGIES",
-        "DesignSpaceConfig",
-        "GroupSpec",
-        "group_sizes_for",
-    ),
-    "peft_model": ("PEFTModel", "apply_design", "budget_report", "is_peft", "load_peft", "save_peft"),
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-if TYPE_CHECKING:
-    from smile.models.peft_design_spaces.config import (
-        ALLOCATIONS,
-        GROUPINGS,
-        S4_ROBERTA_BASE,
-        S4_STRATEGIES,
-        S4_T5_BASE,
-        STRATEGIES,
-        DesignSpaceConfig,
-        GroupSpec,
-        group_sizes_for,
-    )
-    from smile.models.peft_design_spaces.peft_model import (
-        PEFTModel,
-        apply_design,
-        budget_report,
-        is_peft,
-        load_peft,
-        save_peft,
-    )
+from smile.models.peft_design_spaces.peft_model import (
+    PEFTModel,
+    apply_design,
+    budget_report,
+    is_peft,
+    load_peft,
+    save_peft,
+)
 
 __all__ = [
     "ALLOCATIONS",

@@ -4,49 +4,16 @@ small, easy-to-replace classification head.
 Stage 1 trains a stem shared by a light head and an image-reconstruction decoder on the poisoned
 training set; stage 2 freezes the stem and trains a fresh head on a small clean holdout. Both
 stages are runs of ``smile.runtime.Trainer``: ``smile zoo trap_replace train --stage 1|2``.
-
-The public names below are imported from their submodules on first use, so that importing the
-package (and registering it in the zoo) stays cheap.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from smile.models.registry import ZooMethod, lazy_exports, register
-
-METHOD = register(
-    ZooMethod(
-        name="trap_replace",
-        config_class="smile.models.trap_replace.config:TrapReplaceConfig",
-        train="smile.models.trap_replace.method:train",
-        evaluate="smile.models.trap_replace.method:evaluate",
-        cli="smile.models.trap_replace.cli",
-        summary="Trap and Replace: a backdoor defense with a replaceable classification head (NeurIPS 2022)",
-    )
-)
-
-_EXPORTS = {
-    "attacks": ("ATTACKS", "CLEAN_LABEL_ATTACKS", "Trigger", "make_trigger"),
-    "config": ("DataCfg", "OptimCfg", "PoisonCfg", "TrapReplaceConfig"),
-    "datasets": ("ImageDataset", "TensorImages", "load_image_dataset"),
-    "losses": ("Stage1Loss", "Stage2Loss", "total_variation"),
-    "metrics": ("attack_success_rate", "ca_asr", "clean_accuracy"),
-    "networks": ("StemHeadDecoder", "build_network", "replace_head"),
-    "poison": ("PoisonSplit", "make_poisoned_split", "make_test_sets"),
-    "stages": ("evaluate_stage", "train_stage1", "train_stage2"),
-}
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
-
-if TYPE_CHECKING:
-    from smile.models.trap_replace.attacks import ATTACKS, CLEAN_LABEL_ATTACKS, Trigger, make_trigger
-    from smile.models.trap_replace.config import DataCfg, OptimCfg, PoisonCfg, TrapReplaceConfig
-    from smile.models.trap_replace.datasets import ImageDataset, TensorImages, load_image_dataset
-    from smile.models.trap_replace.losses import Stage1Loss, Stage2Loss, total_variation
-    from smile.models.trap_replace.metrics import attack_success_rate, ca_asr, clean_accuracy
-    from smile.models.trap_replace.networks import StemHeadDecoder, build_network, replace_head
-    from smile.models.trap_replace.poison import PoisonSplit, make_poisoned_split, make_test_sets
-    from smile.models.trap_replace.stages import evaluate_stage, train_stage1, train_stage2
+from smile.models.trap_replace.attacks import ATTACKS, CLEAN_LABEL_ATTACKS, Trigger, make_trigger
+from smile.models.trap_replace.config import DataCfg, OptimCfg, PoisonCfg, TrapReplaceConfig
+from smile.models.trap_replace.datasets import ImageDataset, TensorImages, load_image_dataset
+from smile.models.trap_replace.losses import Stage1Loss, Stage2Loss, total_variation
+from smile.models.trap_replace.metrics import attack_success_rate, ca_asr, clean_accuracy
+from smile.models.trap_replace.networks import StemHeadDecoder, build_network, replace_head
+from smile.models.trap_replace.poison import PoisonSplit, make_poisoned_split, make_test_sets
+from smile.models.trap_replace.stages import evaluate_stage, train_stage1, train_stage2
 
 __all__ = [
     "ATTACKS",

@@ -68,16 +68,6 @@ def test_importing_the_zoo_stays_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_package_exports_import_on_use():
-    import smile.models.lemda as lemda
-    import smile.models.trap_replace as trap_replace
-
-    assert "LeMDA" in dir(lemda) and lemda.LeMDA.__name__ == "LeMDA"
-    assert trap_replace.TrapReplaceConfig is registry.get("trap_replace").load_config_class()
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        lemda.nope  # noqa: B018
-
-
 def test_unknown_method_is_one_line_naming_the_allowed_ones():
     with pytest.raises(ZooError) as err:
         registry.get("no_such_method")

@@ -44,15 +44,6 @@ class RoutingPlan:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted parts, for logs
 
     @property
-    def counts(self) -> torch.Tensor:
-        """Kept copies per expert, [E] int64 (the per-destination counts)."""
-        return torch.bincount(self.expert_ids[self.keep], minlength=self.num_experts)
-
-    @property
-    def dropped_fraction(self) -> float:
-        return 1.0 - float(self.keep.float().mean()) if self.keep.numel() else 0.0
-
-    @property
     def kept_total(self) -> int | None:
         """Kept copies, when known without reading ``keep`` off the device: all of them if dropless."""
         return self.expert_ids.numel() if self.capacity is None else None

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+from smile.moe.config import MoEConfig
 from smile.moe.layer import MoELayer
+from smile.moe.topology import Topology
 from smile.testing import run_distributed
 
 VARIANTS = {
@@ -17,6 +21,21 @@ VARIANTS = {
     "switch+hierarchical": ("switch", "hierarchical"),
     "smile (bilevel+hierarchical)": ("bilevel", "hierarchical"),
 }
+
+
+# Bounds of the integer options (inclusive): one machine simulates the cluster, so a world of
+# thousands of processes or a layer of billions of weights is a typo, refused before any process starts.
+LIMITS = {
+    "nodes": (1, 64),
+    "gpus_per_node": (1, 64),
+    "tokens": (1, 1 << 20),
+    "d_model": (1, 1 << 16),
+    "d_ff": (1, 1 << 16),
+    "experts_per_rank": (1, 1024),
+    "iters": (1, 100_000),
+}
+MAX_WORLD = 256  # nodes x gpus_per_node processes
+MAX_EXPERT_WEIGHTS = 1 << 31  # experts x d_model x d_ff x 2 over the whole simulated cluster
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +79,49 @@ def demo_worker(topo, args: dict) -> dict[str, dict[str, float]]:
     return results
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every option in range before any process starts; a ValueError names the option."""
+    for name, (low, high) in LIMITS.items():
+        value = getattr(args, name)
+        if not low <= value <= high:
+            option = "--" + name.replace("_", "-")
+            raise ValueError(f"{option} must be in [{low}, {high}], got {value}")
+    world = args.nodes * args.gpus_per_node
+    if world > MAX_WORLD:
+        raise ValueError(
+            f"--nodes x --gpus-per-node = {world} processes; at most {MAX_WORLD} are simulated on one machine"
+        )
+    weights = args.experts_per_rank * world * args.d_model * args.d_ff * 2
+    if weights > MAX_EXPERT_WEIGHTS:
+        raise ValueError(
+            f"--experts-per-rank x processes x --d-model x --d-ff x 2 = {weights} expert weights; "
+            f"at most {MAX_EXPERT_WEIGHTS}"
+        )
+    cf = args.capacity_factor
+    if not math.isfinite(cf) or cf < 0:
+        raise ValueError(f"--capacity-factor must be a finite number >= 0 (0: dropless), got {cf}")
+    topology = Topology(args.nodes, args.gpus_per_node, 0)
+    for router, dispatcher in VARIANTS.values():
+        config = MoEConfig(
+            num_experts=args.experts_per_rank * world,
+            d_model=args.d_model,
+            d_ff=args.d_ff,
+            router=router,
+            dispatcher=dispatcher,
+            capacity_factor=cf or None,
+        )
+        config.validate("demo")
+        config.check_topology(topology, "demo")
+    if args.json:
+        out = Path(args.json)
+        if out.is_dir():
+            raise ValueError(f"--json {args.json!r} is a directory; give a file path")
+        if not out.parent.is_dir():
+            raise ValueError(f"--json {args.json!r}: directory {str(out.parent)!r} does not exist")
+
+
 def main(args: argparse.Namespace) -> int:
+    check_arguments(args)
     world = args.nodes * args.gpus_per_node
     print(
         f"smile demo: {args.nodes} nodes x {args.gpus_per_node} GPUs simulated by {world} gloo processes, "

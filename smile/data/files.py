@@ -63,8 +63,20 @@ def iter_file_documents(files: list[Path], text_field: str, txt_doc: str) -> Ite
                 yield doc
 
 
+def _decode(path: Path, data: bytes, first_line: int = 1) -> str:
+    """``data`` as UTF-8; an invalid byte raises naming the file and line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data[: err.start].count(b"\n")
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}: {err.reason}); "
+            "DataConfig.paths files must be UTF-8"
+        ) from None
+
+
 def _read_txt(path: Path, text_field: str, txt_doc: str) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path, path.read_bytes())
     if txt_doc == "file":
         yield text.strip()
     else:
@@ -72,11 +84,17 @@ def _read_txt(path: Path, text_field: str, txt_doc: str) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, text_field: str, txt_doc: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _decode(path, raw, number)
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}:{number}: not a JSON record ({err.msg} at column {err.colno})"
+                ) from None
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
@@ -88,14 +106,33 @@ def _read_jsonl(path: Path, text_field: str, txt_doc: str) -> Iterator[str]:
 
 
 def _read_parquet(path: Path, text_field: str, txt_doc: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: not a readable parquet file ({' '.join(str(err).split())})") from None
     columns = parquet.schema_arrow.names
     if text_field not in columns:
         raise ValueError(f"{path}: no column DataConfig.text_field={text_field!r}; columns are {columns}")
-    for batch in parquet.iter_batches(columns=[text_field]):
-        yield from (text for text in batch.column(0).to_pylist() if text is not None)
+    row = 0
+    try:
+        for batch in parquet.iter_batches(columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f"{path}: row {row}: column DataConfig.text_field={text_field!r} holds "
+                        f"{type(text).__name__}, not text"
+                    )
+                yield text
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(
+            f"{path}: row {row + 1}: unreadable parquet data ({' '.join(str(err).split())})"
+        ) from None
 
 
 _READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}

@@ -18,8 +18,10 @@ from smile.data import DataConfigError
 from smile.hf import ConvertError
 from smile.moe.topology import Topology
 from smile.runtime import ConfigError
+from smile.runtime.lock import RunLockedError
 
-_USER_ERRORS = (ConfigError, ConvertError, DataConfigError, FileNotFoundError, ValueError)
+_USER_ERRORS = (ConfigError, ConvertError, DataConfigError, FileNotFoundError, RunLockedError, ValueError)
+MAX_RESTARTS = 100  # --max-restarts bound: more restarts than this hide a job that cannot run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, help="start this many local workers through torchrun")
     parser.add_argument("--sim-nodes", type=int, help="present the workers as this many nodes")
     parser.add_argument(
-        "--max-restarts", type=int, default=0, help="with --nproc: restart failed workers (they resume)"
+        "--max-restarts",
+        type=int,
+        default=0,
+        help=f"with --nproc: restart failed workers (they resume), 0 to {MAX_RESTARTS} times",
     )
     parser.add_argument("--check", action="store_true", help="check config, data and model, then exit")
 
@@ -51,14 +56,13 @@ def main(args: argparse.Namespace) -> int:
         overrides.append(f"train.dist.sim_nodes={args.sim_nodes}")
     inside = under_torchrun()
     try:
+        _check_arguments(args)
         job = load_job(args.config, overrides)
         if not inside:
-            if args.nproc is not None and args.nproc < 1:
-                raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
             print("smile train: checking config, tokenizer, corpus and model ...", flush=True)
             info = preflight(job, _planned_topology(job, args.nproc or 1))
     except _USER_ERRORS as err:
-        print(f"smile train: error: {err}", file=sys.stderr)
+        print(f"smile train: error: {_one_line(err)}", file=sys.stderr)
         return 2
     if args.check:
         if not inside:
@@ -67,5 +71,25 @@ def main(args: argparse.Namespace) -> int:
     if args.nproc is not None and not inside:
         worker_argv = (["--config", args.config] if args.config else []) + overrides
         return launch(args.nproc, worker_argv, args.max_restarts)
-    run(job)
+    from smile.runtime.trainer import TrainingFailedError
+
+    try:
+        run(job)
+    except TrainingFailedError as err:  # every step non-finite: a failed run, never "done"
+        print(f"smile train: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """The command-line options, before the config is read (each error names its option)."""
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.sim_nodes is not None and args.sim_nodes < 1:
+        raise ValueError(f"--sim-nodes must be >= 1, got {args.sim_nodes}")
+    if not 0 <= args.max_restarts <= MAX_RESTARTS:
+        raise ValueError(f"--max-restarts must be in [0, {MAX_RESTARTS}], got {args.max_restarts}")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())

@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import inspect
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -160,6 +162,15 @@ class CheckpointConfig:
     resume: "auto" (newest complete checkpoint under dir, if any: what a torchrun restart needs),
         "never", or the path of one checkpoint directory.
     export_dir: if set, write a consolidated save_pretrained-style export there at the end.
+    trainable_only: save only trainable parameters (``requires_grad``) and buffers; frozen
+        parameters are recorded by name, shape and sha256, and on resume (or ``load_weights``) the
+        model must already hold them, rebuilt from their source; a mismatch is refused.
+    frozen_source: where the frozen part is rebuilt from (e.g. a base model id or path); recorded in
+        the manifest and named in the error when the rebuilt frozen part does not match.
+    reshardable: also save the optimizer state by parameter name (full fp32 masters and moments,
+        gathered at each save), so the checkpoint resumes on another world size, topology, ZeRO
+        stage or precision; without it such a resume carries the weights and re-initialises the
+        optimizers.
     """
 
     dir: str | None = None
@@ -168,6 +179,9 @@ class CheckpointConfig:
     resume: str = "auto"
     save_final: bool = True
     export_dir: str | None = None
+    trainable_only: bool = False
+    frozen_source: str | None = None
+    reshardable: bool = True
 
     def validate(self, where: str) -> None:
         _at_least(f"{where}.every", self.every, 0)
@@ -334,31 +348,66 @@ def merge_mappings(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """Parse a config file into a dict, by extension (.yaml/.yml, .toml, .json)."""
+    """Parse a config file into a dict, by extension (.yaml/.yml, .toml, .json).
+
+    A file that does not parse raises :class:`ConfigError` naming the file and the line.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
-    text = path.read_text()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(
+            f"config file {str(path)!r}: unknown extension {suffix!r}; allowed: .yaml, .yml, .toml, .json"
+        )
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(f"config file {str(path)!r} line {line}: not UTF-8 text ({err.reason})") from None
     if suffix in (".yaml", ".yml"):
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(
+                f"config file {str(path)!r}{line}: invalid YAML: {_one_line(problem)}"
+            ) from None
+        data = {} if data is None else data
     elif suffix == ".toml":
         try:
             import tomllib
         except ImportError as err:  # Python 3.10
             raise ConfigError("TOML configs need Python >= 3.11 (tomllib); use YAML instead") from err
-        data = tomllib.loads(text)
-    elif suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            found = re.search(r"\(at line (\d+)", str(err))  # Python < 3.14 has no err.lineno
+            line = getattr(err, "lineno", None) or (found and found.group(1))
+            problem = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(err))
+            where = f" line {line}" if line else ""
+            raise ConfigError(
+                f"config file {str(path)!r}{where}: invalid TOML: {_one_line(problem)}"
+            ) from None
     else:
-        raise ConfigError(
-            f"config file {str(path)!r}: unknown extension {suffix!r}; allowed: .yaml, .yml, .toml, .json"
-        )
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f"config file {str(path)!r} line {err.lineno}: invalid JSON: {err.msg}"
+            ) from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {str(path)!r} must hold a mapping at top level, got {type(data).__name__}"
         )
     return data
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -375,7 +424,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err)
+            raise ConfigError(f"override {item!r}: the value does not parse ({_one_line(problem)})") from None
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             node = _descend(node, part, ".".join(parts[: i + 1]), create=True)
@@ -423,6 +476,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     elif "from_dict" in cls.__dict__:  # a section with its own loader (e.g. smile.data's DataConfig)
         if not isinstance(data, dict):
             raise ConfigError(f"{where} must be a mapping of {cls.__name__} fields, got {data!r}")
+        _check_finite_values(data, where)  # before the section's own checks, which may miss NaN
         try:
             obj = cls.from_dict(data)
         except ConfigError:
@@ -460,6 +514,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         for option in (a for a in args if a is not type(None)):
             try:
                 return _coerce(option, value, where)
+            except _NotFinite:
+                raise
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {args}")
@@ -506,14 +562,18 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        _check_finite_number(where, number)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -540,6 +600,29 @@ def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return config_to_dict(obj)
     raise TypeError(f"not serialisable in a config: {obj!r}")
+
+
+class _NotFinite(ConfigError):
+    """A float option holding NaN or an infinity (never a usable setting)."""
+
+
+def _check_finite_number(where: str, number: float) -> None:
+    if not math.isfinite(number):
+        raise _NotFinite(
+            f"{where}={number!r} is not allowed; a finite number is required (no nan, inf, -inf)"
+        )
+
+
+def _check_finite_values(value: Any, where: str) -> None:
+    """Every float inside a raw section mapping (lists and nested mappings too) must be finite."""
+    if isinstance(value, float):
+        _check_finite_number(where, value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite_values(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite_values(item, f"{where}[{i}]")
 
 
 def _at_least(where: str, value: float, minimum: float) -> None:

@@ -62,6 +62,14 @@ class DataStream:
             state["source"] = self.source.state_dict()
         return state
 
+    def seek(self, batches: int) -> None:
+        """Start over at epoch 0 and skip ``batches`` batches, crossing epochs: the position a
+        resume on another world size re-derives from the samples seen (the skipped batches are
+        iterated)."""
+        self.epoch, self.index, self._it = 0, 0, None
+        for _ in range(batches):
+            next(self)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         if "source" in state and self._stateful():

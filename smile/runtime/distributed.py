@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from smile.moe.topology import Topology, resolve_backend, start_process_group
+from smile.runtime import supervision
 from smile.runtime.config import DistConfig
 
 
@@ -26,9 +27,11 @@ def init_distributed(cfg: DistConfig | None = None) -> Topology:
     """Start (or join) the default process group and return this rank's Topology.
 
     Idempotent: if a process group already exists (a test harness, an outer launcher), it is
-    used as is. Every group gets the configured timeout.
+    used as is. Every group gets the configured timeout. Under torchrun the worker is tied to its
+    agent (``supervision.install``): it dies with it instead of training on as an orphan.
     """
     cfg = cfg or DistConfig()
+    supervision.install()
     start_process_group(cfg.backend, cfg.timeout_s)
     return Topology.from_env(cfg.sim_nodes, cfg.ep_nodes, cfg.timeout_s)
 

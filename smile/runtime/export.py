@@ -104,38 +104,173 @@ def load_weights(model: nn.Module, path: str | Path, topology: Topology | None =
 
     Expert parameters are sliced for this rank's expert-parallel position, so an export written
     with any layout loads into any layout with the same total number of experts. Call before
-    building the Trainer (it starts a stage from the previous stage's weights).
+    building the Trainer (it starts a stage from the previous stage's weights). A checkpoint saved
+    with ``checkpoint.trainable_only`` lacks its frozen parameters: ``model`` must hold them
+    already (rebuilt from their source), and they are checked against the recorded sha256.
     """
     path = Path(path)
     topology = topology or Topology(1, 1)
-    if (path / ckpt.MANIFEST).is_file():
-        manifest = ckpt.read_manifest(path)
-        state = ckpt.read_tensors(path, manifest, "model.safetensors")
-        if manifest.get("has_experts"):
-            for name, tensor in _checkpoint_experts(path, manifest).items():
-                state[name] = tensor
-    else:
-        state = read_export(path)
-    params = dict(model.named_parameters())
-    for name, tensor in list(state.items()):
-        param = params.get(name)
-        if param is not None and is_expert_parameter(param) and tensor.shape != param.shape:
-            local = param.shape[0]
-            if tensor.shape[0] % local or tensor.shape[1:] != param.shape[1:]:
-                raise ValueError(
-                    f"expert parameter {name}: saved {tuple(tensor.shape)} cannot be split into "
-                    f"local blocks of {tuple(param.shape)}"
-                )
-            start = topology.ep_rank * local
-            state[name] = tensor[start : start + local]
+    state, manifest = read_weights(path)
+    state = slice_experts(model, state, topology)
+    if manifest is not None and manifest.get("trainable_only"):
+        frozen = ckpt.read_json(path, manifest, "frozen.json") if "frozen.json" in manifest["files"] else {}
+        problems = frozen_mismatches(model, frozen, topology)
+        if problems:
+            raise ckpt.CheckpointError(frozen_error(path, manifest, problems))
+        state = fill_frozen(model, state)
     state = _fill_tied(model, state)
     load_model_state(model, state, partitioned=False)
 
 
-def _checkpoint_experts(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    ep_files = sorted(n for n in manifest["files"] if n.startswith("experts-ep"))
-    parts = [ckpt.read_tensors(path, manifest, f"experts-ep{i}.safetensors") for i in range(len(ep_files))]
-    return {name: torch.cat([p[name] for p in parts], dim=0) for name in parts[0]}
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """All weights of an export or a checkpoint (verified; experts of every expert-parallel rank
+    concatenated in global expert order) and the checkpoint's manifest (None for an export)."""
+    path = Path(path)
+    if not (path / ckpt.MANIFEST).is_file():
+        return read_export(path), None
+    manifest = ckpt.read_manifest(path)
+    state = ckpt.read_tensors(path, manifest, "model.safetensors")
+    if manifest.get("has_experts"):
+        state.update(concat_expert_files(path, manifest, "experts-ep"))
+    return state, manifest
+
+
+def concat_expert_files(path: Path, manifest: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """``<prefix><r>.safetensors`` of every expert-parallel rank r, concatenated along dim 0:
+    local expert i of rank r becomes global expert ``r * num_local + i``."""
+    count = sum(1 for n in manifest["files"] if n.startswith(prefix) and n.endswith(".safetensors"))
+    if count == 0:
+        return {}
+    parts = [ckpt.read_tensors(path, manifest, f"{prefix}{i}.safetensors") for i in range(count)]
+    # 0-dim entries (an optimizer's step) are per parameter, the same on every rank: kept once
+    return {
+        name: parts[0][name] if parts[0][name].dim() == 0 else torch.cat([p[name] for p in parts], dim=0)
+        for name in parts[0]
+    }
+
+
+def expert_block(
+    name: str, tensor: torch.Tensor, local_shape: tuple[int, ...], topology: Topology
+) -> torch.Tensor:
+    """This rank's block of a tensor stacked over all experts (dim 0), by global expert id."""
+    local_shape = tuple(local_shape)
+    if tuple(tensor.shape) == local_shape:
+        return tensor
+    local = local_shape[0]
+    if tensor.shape[0] % local or tuple(tensor.shape[1:]) != local_shape[1:]:
+        raise ValueError(
+            f"expert parameter {name}: saved {tuple(tensor.shape)} cannot be split into "
+            f"local blocks of {local_shape}"
+        )
+    if tensor.shape[0] != local * topology.ep_size:
+        raise ValueError(
+            f"expert parameter {name}: saved {tensor.shape[0]} experts, this layout holds "
+            f"{local} x {topology.ep_size} expert-parallel ranks = {local * topology.ep_size}"
+        )
+    start = topology.ep_rank * local
+    return tensor[start : start + local]
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's real shape (ZeRO-3 keeps an empty placeholder and ``ds_shape``)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def slice_experts(
+    model: nn.Module, state: dict[str, torch.Tensor], topology: Topology
+) -> dict[str, torch.Tensor]:
+    """``state`` with every expert parameter cut to this rank's experts (the one re-slicer)."""
+    params = dict(model.named_parameters())
+    out = dict(state)
+    for name, tensor in state.items():
+        param = params.get(name)
+        if param is not None and is_expert_parameter(param):
+            out[name] = expert_block(name, tensor, full_shape(param), topology)
+    return out
+
+
+def frozen_hashes(
+    model_tensors: dict[str, torch.Tensor], frozen: set[str], experts: set[str], topology: Topology
+) -> dict[str, dict]:
+    """name -> {shape, dtype, sha256} of frozen tensors; a frozen expert stack is recorded per
+    global expert (``name[g]``) so any expert-parallel layout can check its own experts."""
+    out: dict[str, dict] = {}
+    for name in sorted(frozen & set(model_tensors)):
+        tensor = model_tensors[name]
+        if name in experts:
+            first = topology.ep_rank * tensor.shape[0]
+            for i in range(tensor.shape[0]):
+                out[f"{name}[{first + i}]"] = _record(tensor[i])
+        else:
+            out[name] = _record(tensor)
+    return out
+
+
+def _record(tensor: torch.Tensor) -> dict:
+    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype), "sha256": ckpt.tensor_sha256(tensor)}
+
+
+def frozen_names(model: nn.Module) -> tuple[set[str], set[str]]:
+    """(frozen parameter names as in ``state_dict``, expert parameter names)."""
+    frozen, experts = set(), set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if isinstance(tensor, nn.Parameter):
+            if not tensor.requires_grad:
+                frozen.add(name)
+            if is_expert_parameter(tensor):
+                experts.add(name)
+    return frozen, experts
+
+
+def frozen_mismatches(
+    model: nn.Module,
+    recorded: dict[str, dict],
+    topology: Topology,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> list[str]:
+    """What of the recorded frozen part this rank's ``model`` (or its gathered ``tensors``) lacks
+    or holds differently; only this rank's experts are checked."""
+    tensors = tensors if tensors is not None else {k: v.detach() for k, v in model.state_dict().items()}
+    frozen, experts = frozen_names(model)
+    wanted = frozen | {k.split("[")[0] for k in recorded}
+    here = frozen_hashes(tensors, wanted, experts, topology)
+    problems = []
+    mine = {k for k in recorded if k.split("[")[0] not in experts or k in here}
+    for key in sorted(mine):
+        got = here.get(key)
+        if got is None:
+            problems.append(f"{key}: missing from the model")
+        elif got != recorded[key]:
+            want = recorded[key]
+            problems.append(
+                f"{key}: model has {got['dtype']}{got['shape']} sha256 {got['sha256'][:12]}..., "
+                f"checkpoint recorded {want['dtype']}{want['shape']} sha256 {want['sha256'][:12]}..."
+            )
+    recorded_names = {k.split("[")[0] for k in recorded}
+    for name in sorted(frozen - recorded_names):
+        problems.append(
+            f"{name}: frozen in the model but neither saved nor recorded as frozen in the checkpoint"
+        )
+    return problems
+
+
+def frozen_error(path: Path, manifest: dict, problems: list[str]) -> str:
+    source = manifest.get("frozen_source")
+    return (
+        f"checkpoint {path} saved trainable parameters only; the frozen part of this model does not "
+        f"match the one it was trained with (frozen_source={source!r}): "
+        + "; ".join(problems[:6])
+        + (f" (+{len(problems) - 6} more)" if len(problems) > 6 else "")
+    )
+
+
+def fill_frozen(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` plus the model's own frozen parameters (a trainable-only checkpoint lacks them)."""
+    out = dict(state)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in out and isinstance(tensor, nn.Parameter) and not tensor.requires_grad:
+            out[name] = tensor.detach()
+    return out
 
 
 def _fill_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
@@ -34,6 +36,8 @@ from smile.moe import collect_aux_loss
 from smile.moe.experts import is_expert_parameter
 from smile.moe.topology import Topology
 from smile.runtime import checkpoint as ckpt
+from smile.runtime import lock as runlock
+from smile.runtime import reshard, supervision
 from smile.runtime.config import TrainConfig, config_to_dict
 from smile.runtime.data import DataStream, Source, resolve
 from smile.runtime.distributed import backend_for, gather_json, init_distributed
@@ -92,6 +96,7 @@ class FitResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
     export: str | None = None
+    resharded: dict[str, Any] | None = None  # what a resume on another layout did (reshard.py)
 
 
 class _LossModule(nn.Module):
@@ -120,6 +125,10 @@ class _LossModule(nn.Module):
         return loss
 
 
+class TrainingFailedError(RuntimeError):
+    """No optimizer step of a run was applied: every loss or gradient was non-finite."""
+
+
 class Trainer:
     """Training loop over a DeepSpeed engine with MoE-aware parameter groups."""
 
@@ -144,6 +153,7 @@ class Trainer:
             raise ValueError(
                 f"topology has {self.topology.world_size} ranks, the process group {self.world_size}"
             )
+        self.run_id = self._lock_run_dir(config)  # before anything is written
         self.bf16 = config.precision == "bf16" or (config.precision == "auto" and torch.cuda.is_available())
         self.model = model
         self.loss_fn = loss_fn
@@ -253,12 +263,14 @@ class Trainer:
         saved_at = self.step if self.resumed_from else -1
         evaluated_at = -1
         path: Path | None = None
+        first_step, skipped_before = self.step, getattr(self.engine, "skipped_steps", 0)
         try:
             self.engine.train()
             self._window.start()
             while self.step < cfg.max_steps:
                 began = time.perf_counter()
                 self._train_step()
+                supervision.heartbeat(self.run_dir, self.rank, self.step)  # progress, for the launcher
                 self._window.wall += time.perf_counter() - began
                 sink.advance()
                 done = self.step == cfg.max_steps
@@ -270,6 +282,7 @@ class Trainer:
                     sink.write({"split": "eval", "step": self.step, **eval_metrics})
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     path, saved_at = self.save_checkpoint(), self.step
+            self._check_steps_applied(first_step, skipped_before)  # before a final save or "done"
             if self.eval_source is not None and evaluated_at != self.step:
                 eval_metrics = self.evaluate()
                 sink.write({"split": "eval", "step": self.step, **eval_metrics})
@@ -289,7 +302,27 @@ class Trainer:
             eval_metrics=eval_metrics,
             checkpoint=None if path is None else str(path),
             export=None if exported is None else str(exported),
+            resharded=getattr(self, "resharded", None),
         )
+
+    def _check_steps_applied(self, first_step: int, skipped_before: int) -> None:
+        """Raise :class:`TrainingFailedError` (on every rank: collective) when no step of this run
+        was applied: each had a non-finite loss, or DeepSpeed skipped each for non-finite grads."""
+        ran = self.step - first_step
+        if ran <= 0:
+            return
+        nonfinite = int(sum(not torch.isfinite(torch.as_tensor(x)).item() for x in self._losses[-ran:]))
+        skipped = getattr(self.engine, "skipped_steps", 0) - skipped_before
+        counts = torch.tensor([nonfinite, skipped], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        nonfinite, skipped = int(counts[0]), int(counts[1])
+        if max(nonfinite, skipped) >= ran:
+            raise TrainingFailedError(
+                f"training failed: none of the {ran} optimizer steps of this run (steps {first_step + 1}"
+                f"-{self.step}) was applied: {nonfinite} had a non-finite loss, {skipped} were skipped "
+                "for non-finite gradients (overflow); lower the learning rate (optimizers.*.lr), set "
+                "grad_clip > 0, or check the data and the model's initialisation"
+            )
 
     def _train_step(self) -> None:
         cfg = self.config
@@ -372,8 +405,12 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write a complete checkpoint of the current step (collective); prune to keep_last."""
+        """Write a complete checkpoint of the current step (collective); prune to keep_last.
+        Refuses (on every rank, before writing) to replace a ``step_N`` of another run."""
         root, step = self.checkpoint_root, self.step
+        conflict = gather_json(ckpt.owner_conflict(root, step, self.run_id) if self.rank == 0 else None)[0]
+        if conflict:
+            raise ckpt.CheckpointError(conflict)
         stage = ckpt.staging_dir(root, step)
         if self.rank == 0:
             shutil.rmtree(stage, ignore_errors=True)
@@ -381,17 +418,26 @@ class Trainer:
         dist.barrier()
         dense, experts = model_state(self.model)
         files = self._write_shards(stage, dense, experts)
-        self._commit_checkpoint(files, self._checkpoint_meta(dense, experts))
+        meta = self._checkpoint_meta(dense, experts)
+        meta["run_id"] = self.run_id
+        self._commit_checkpoint(files, meta)
         return root / ckpt.step_dir_name(step)
 
     def _write_shards(self, stage: Path, dense: dict, experts: dict) -> dict[str, ckpt.FileRecord]:
         """This rank's files: dense weights (rank 0), its experts (one replica), its own state."""
         files: dict[str, ckpt.FileRecord] = {}
+        weights, expert_weights = dense, experts
+        if self.config.checkpoint.trainable_only:  # frozen tensors: recorded (frozen.json), not saved
+            files.update(reshard.write_frozen_record(self, stage, dense, experts))
+            weights, expert_weights, _, _ = reshard.split_trainable(self.model, dense, experts)
         if self.rank == 0:
-            files["model.safetensors"] = ckpt.write_tensors(stage, "model.safetensors", dense)
+            files["model.safetensors"] = ckpt.write_tensors(stage, "model.safetensors", weights)
         if experts and self.topology.rank < self.topology.ep_size:
             name = f"experts-ep{self.topology.ep_rank}.safetensors"
-            files[name] = ckpt.write_tensors(stage, name, experts)
+            files[name] = ckpt.write_tensors(stage, name, expert_weights)
+        self._named_state_saved = False
+        if self.config.checkpoint.reshardable:  # optimizer state by parameter name (collective)
+            files.update(reshard.write_named_state(self, stage))
         state = {
             "optimizer": optimizer_state(self.engine),
             "rng": rng_state(),
@@ -409,6 +455,7 @@ class Trainer:
         gathered = gather_json({k: [r.sha256, r.size] for k, r in files.items()})
         if self.rank == 0:
             merged = {k: ckpt.FileRecord(*v) for part in gathered for k, v in part.items()}
+            supervision.ensure_agent_alive(f"commit checkpoint step {self.step}")  # never as an orphan
             ckpt.commit(self.checkpoint_root, self.step, merged, meta)
             ckpt.prune(self.checkpoint_root, self.config.checkpoint.keep_last)
         dist.barrier()
@@ -424,12 +471,28 @@ class Trainer:
             "has_experts": bool(experts),
             "dense_shapes": {k: list(v.shape) for k, v in dense.items()},
             "config": config_to_dict(self.config),
+            # what a resume on another layout needs (smile.runtime.reshard)
+            "named_state": {"version": 1, "optimizer": bool(getattr(self, "_named_state_saved", False))},
+            "optimizer_steps": dict(self.optimizer_steps),
+            "samples_seen": self.step
+            * self.config.grad_accum_steps
+            * self.config.micro_batch_size
+            * self.world_size,
+            "trainable_only": self.config.checkpoint.trainable_only,
+            "frozen_source": self.config.checkpoint.frozen_source,
         }
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore everything from a checkpoint written by a run of the same shape (collective)."""
+        """Restore everything from a checkpoint (collective). One written by a run of the same
+        layout (world size, topology, ZeRO stage, precision, optimizers) is restored exactly;
+        another layout is resharded (:mod:`smile.runtime.reshard`; see ``self.resharded``)."""
         path = Path(path)
         manifest = ckpt.read_manifest(path)
+        self.resharded = None
+        differences = reshard.layout_differences(self, manifest)
+        if differences:
+            self.resharded = reshard.load_resharded(self, path, manifest, differences)
+            return
         self._check_compatible(path, manifest)
         dense = ckpt.read_tensors(path, manifest, "model.safetensors")
         weights = dict(dense)
@@ -439,6 +502,9 @@ class Trainer:
             )
         tree = ckpt.read_json(path, manifest, f"rank{self.rank}.json")
         state = decode(tree, ckpt.read_tensors(path, manifest, f"rank{self.rank}.safetensors"))
+        if manifest.get("trainable_only"):  # the frozen part was rebuilt: check it, keep it
+            reshard.verify_frozen(self, path, manifest)
+            weights = reshard.fill_frozen(self.model, weights)
         try:
             load_model_state(self.model, weights, partitioned=self.config.zero_stage == 3)
         except KeyError as err:
@@ -469,19 +535,65 @@ class Trainer:
                     "(use smile.runtime.load_weights to start a different run from its weights)"
                 )
 
+    def _lock_run_dir(self, config: TrainConfig) -> str:
+        """Rank 0 takes the run-dir lock and removes a crash's leftovers; every rank gets this
+        run's id or the same error. The lock is released by :meth:`close` or at exit."""
+        lock, outcome = None, {"run_id": None, "error": None, "locked": False}
+        if self.rank == 0:
+            try:
+                lock = runlock.acquire(config.run_dir)
+                ckpt.clean_leftovers(config.checkpoint_dir, Path(config.run_dir))
+                outcome["run_id"] = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            except Exception as err:  # every rank must raise, not wait in the gather below
+                outcome.update(error=str(err), locked=isinstance(err, runlock.RunLockedError))
+                if lock is not None:
+                    lock.release()
+                    lock = None
+                if not outcome["locked"]:
+                    gather_json(outcome)
+                    raise
+        outcome = gather_json(outcome)[0]
+        if outcome["error"]:
+            error = runlock.RunLockedError if outcome["locked"] else RuntimeError
+            raise error(outcome["error"] if outcome["locked"] else f"rank 0 failed: {outcome['error']}")
+        self._release_lock = weakref.finalize(self, lock.release) if lock is not None else None
+        return outcome["run_id"]
+
+    def close(self) -> None:
+        """Release the run-directory lock (rank 0; also done when the Trainer is collected or
+        the interpreter exits)."""
+        if getattr(self, "_release_lock", None) is not None:
+            self._release_lock()
+
     def _resume(self) -> None:
         mode = self.config.checkpoint.resume
         if mode == "never":
             return
         if mode == "auto":
-            choice = ckpt.latest_checkpoint(self.checkpoint_root) if self.rank == 0 else None
-            choice = gather_json(None if choice is None else str(choice))[0]
+            choice = None
+            if self.rank == 0:  # rank 0 verifies every file, newest first, and broadcasts its pick
+                found, _, skipped = ckpt.latest_verified(self.checkpoint_root)
+                for bad, why in skipped:
+                    ckpt.log.warning("resume: skipping checkpoint %s: %s", bad, why)
+                choice = None if found is None else str(found)
+                if found is None and skipped:
+                    choice = {
+                        "error": f"resume=auto: no checkpoint under {self.checkpoint_root} verifies "
+                        f"({len(skipped)} broken: {', '.join(p.name for p, _ in skipped)}); move them "
+                        "away, or start fresh with checkpoint.resume=never and another checkpoint dir"
+                    }
+            choice = gather_json(choice)[0]
+            if isinstance(choice, dict):
+                raise ckpt.CheckpointError(choice["error"])
             if choice is None:
                 return
         else:
             choice = mode
         self.load_checkpoint(choice)
         self.resumed_from = str(choice)
+        # Continuing a run of this checkpoint dir continues its run id (and may re-save its steps).
+        if Path(choice).resolve().parent == Path(self.checkpoint_root).resolve():
+            self.run_id = ckpt.read_manifest(Path(choice)).get("run_id") or self.run_id
 
     # ---- export -------------------------------------------------------------------------------
     def export(self, out_dir: str | Path) -> Path:

@@ -17,3 +17,15 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
     pytest.skip("triton kernels need TRITON_INTERPRET=1 or a GPU")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A private smile cache holding the embedded corpus and a small tokenizer, built once."""
+    from smile.data import DataConfig, build_tokenizer
+    from smile.data.embedded import embedded_documents
+
+    path = str(tmp_path_factory.mktemp("smile-cache"))
+    embedded_documents(None, path)
+    build_tokenizer(DataConfig(cache_dir=path, vocab_size=1024, tokenizer_train_docs=300))
+    return path

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smile.runtime.supervision import pid_alive
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
@@ -72,14 +74,9 @@ def _proc_start(pid: int) -> str | None:
 
 
 def _pid_alive(pid: int | None, start: str | None = None) -> bool:
-    if not pid:
+    """``pid`` exists and, when ``start`` is known, is the same process (not a reused pid)."""
+    if not pid or not pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
     now = _proc_start(pid)
     return start is None or now is None or now == start
 

@@ -111,8 +111,8 @@ def agent_alive() -> bool:
     if watch is None:
         if not _under_torchrun() or AGENT_PID_ENV not in os.environ:
             return True
-        return _pid_alive(int(os.environ[AGENT_PID_ENV]))
-    return os.getppid() == watch.parent and _pid_alive(watch.agent)
+        return pid_alive(int(os.environ[AGENT_PID_ENV]))
+    return os.getppid() == watch.parent and pid_alive(watch.agent)
 
 
 def ensure_agent_alive(action: str) -> None:
@@ -121,7 +121,8 @@ def ensure_agent_alive(action: str) -> None:
         raise RuntimeError(f"the torchrun agent of this worker is gone; refusing to {action}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this host (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from smile.cli import main as smile_main
 from smile.runtime import checkpoint as ckpt
-from tests.pretrain.test_pretrain import cache_dir, small  # noqa: F401, F811 (fixture)
+from tests.pretrain.test_pretrain import small
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, float]:
@@ -54,7 +54,7 @@ CONFIG_FILES = [
 
 
 @pytest.mark.parametrize("name, text, message", CONFIG_FILES, ids=[c[0] for c in CONFIG_FILES])
-def test_malformed_config_file(name, text, message, cache_dir, tmp_path, capsys):  # noqa: F811
+def test_malformed_config_file(name, text, message, cache_dir, tmp_path, capsys):
     path = write(tmp_path / name, text)
     assert_refused(["train", "--check", "--config", str(path), *small(cache_dir)], message, capsys)
 
@@ -83,7 +83,7 @@ OVERRIDES = [
 
 
 @pytest.mark.parametrize("override, message", OVERRIDES, ids=[o[0] for o in OVERRIDES])
-def test_bad_override(override, message, cache_dir, capsys):  # noqa: F811
+def test_bad_override(override, message, cache_dir, capsys):
     assert_refused(["train", "--check", *small(cache_dir), override], message, capsys)
 
 
@@ -99,7 +99,7 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("options, message", OPTIONS, ids=[" ".join(o[0]) for o in OPTIONS])
-def test_bad_option(options, message, cache_dir, capsys):  # noqa: F811
+def test_bad_option(options, message, cache_dir, capsys):
     assert_refused(["train", "--check", *options, *small(cache_dir)], message, capsys)
 
 
@@ -131,7 +131,7 @@ CORPORA = [
 
 
 @pytest.mark.parametrize("name, content, message", CORPORA, ids=[c[0] for c in CORPORA])
-def test_bad_corpus_file(name, content, message, cache_dir, tmp_path, capsys):  # noqa: F811
+def test_bad_corpus_file(name, content, message, cache_dir, tmp_path, capsys):
     path = tmp_path / name
     if name == "nocolumn.parquet":
         _parquet(path, content)
@@ -142,7 +142,7 @@ def test_bad_corpus_file(name, content, message, cache_dir, tmp_path, capsys):  
 
 
 # ---- run dir, resume path, checkpoints ----------------------------------------------------------
-def test_run_dir_that_is_a_file(cache_dir, tmp_path, capsys):  # noqa: F811
+def test_run_dir_that_is_a_file(cache_dir, tmp_path, capsys):
     file = write(tmp_path / "taken", "x")
     assert_refused(
         ["train", "--check", *small(cache_dir), f"train.run_dir={file}"],
@@ -156,7 +156,7 @@ def test_run_dir_that_is_a_file(cache_dir, tmp_path, capsys):  # noqa: F811
     )
 
 
-def test_resume_path_that_does_not_exist(cache_dir, tmp_path, capsys):  # noqa: F811
+def test_resume_path_that_does_not_exist(cache_dir, tmp_path, capsys):
     missing = tmp_path / "no" / "step_00000010"
     argv = ["train", "--check", *small(cache_dir), f"train.checkpoint.resume={missing}"]
     assert_refused(
@@ -204,7 +204,7 @@ def fake_checkpoint(cache: str, root, overrides: list[str], *, shrink: str | Non
 @pytest.mark.parametrize(
     "shrink", [None, "shared.weight", "encoder.block.1.layer.1.DenseReluDense.moe.experts.w_in"]
 )
-def test_checkpoint_that_does_not_fit_the_model(shrink, cache_dir, tmp_path, capsys):  # noqa: F811
+def test_checkpoint_that_does_not_fit_the_model(shrink, cache_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     step = fake_checkpoint(cache_dir, run_dir / "checkpoints", [], shrink=shrink)
     for resume in ("auto", str(step)):
@@ -225,7 +225,7 @@ def test_checkpoint_that_does_not_fit_the_model(shrink, cache_dir, tmp_path, cap
     assert_refused(argv, "the configured model has", capsys)
 
 
-def test_checkpoint_of_another_model_family(cache_dir, tmp_path, capsys):  # noqa: F811
+def test_checkpoint_of_another_model_family(cache_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     fake_checkpoint(cache_dir, run_dir / "checkpoints", [])
     argv = ["train", "--check", *small(cache_dir), f"train.run_dir={run_dir}", "model.num_layers=3"]
@@ -265,7 +265,7 @@ def test_demo_json_path_that_is_a_directory(tmp_path, capsys):
 
 
 # ---- a run whose every step is non-finite fails -------------------------------------------------
-def test_run_where_every_step_is_non_finite_fails(cache_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_run_where_every_step_is_non_finite_fails(cache_dir, tmp_path, capsys, monkeypatch):
     import smile.pretrain.job as job_module
 
     real = job_module.pretrain_loss

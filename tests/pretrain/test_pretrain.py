@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,8 +17,7 @@ import torch
 from safetensors import safe_open
 
 from smile.cli import main as smile_main
-from smile.data import DataConfig, build_dataloader, build_tokenizer
-from smile.data.embedded import embedded_documents
+from smile.data import build_dataloader, build_tokenizer
 from smile.hf import moe_modules
 from smile.moe import collect_aux_loss
 from smile.moe.topology import Topology
@@ -39,17 +39,12 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A private cache holding the embedded corpus and the small tokenizer, built once."""
-    path = str(tmp_path_factory.mktemp("smile-cache"))
-    embedded_documents(None, path)
-    build_tokenizer(DataConfig(cache_dir=path, vocab_size=1024, tokenizer_train_docs=300))
-    return path
-
-
 def small(cache_dir: str, *more: str) -> list[str]:
-    return [*SMALL, f"data.cache_dir={cache_dir}", *more]
+    """The small job's overrides; a fresh run directory unless ``more`` names one (so no run left
+    in the working directory is resumed or locked)."""
+    named = any(m.startswith("train.run_dir=") for m in more)
+    run_dir = [] if named else [f"train.run_dir={tempfile.mkdtemp()}"]
+    return [*SMALL, f"data.cache_dir={cache_dir}", *run_dir, *more]
 
 
 def test_tiny_config_file_is_the_default_job():

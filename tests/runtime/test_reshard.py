@@ -18,37 +18,18 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from smile.moe.layer import MoELayer
 from smile.moe.topology import Topology
 from smile.testing import run_distributed
+from tests.runtime.test_trainer import MoENet
 
 pytestmark = pytest.mark.slow
 
 D, EXPERTS, GLOBAL_BATCH, SAVED, FINAL = 8, 8, 16, 4, 5
 
 
-class Net(nn.Module):
-    def __init__(self, topology: Topology) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.norm = nn.LayerNorm(D)
-        self.moe = MoELayer(
-            D,
-            2 * D,
-            EXPERTS,
-            router="topk",
-            k=2,
-            dispatcher="flat",
-            capacity_factor=None,
-            topology=topology,
-            backend="torch",
-            aux_loss_weight=0.0,
-        )
-        self.head = nn.Linear(D, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.moe(self.norm(x))
-        return self.head(x + h).squeeze(-1)
+def Net(topology: Topology) -> MoENet:  # noqa: N802 - a model class, seeded like one built fresh
+    torch.manual_seed(0)
+    return MoENet(topology, EXPERTS)
 
 
 def _global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

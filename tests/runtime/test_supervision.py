@@ -21,18 +21,10 @@ import pytest
 
 from smile.runtime import supervision
 from smile.runtime.supervision import Beat, Failure, first_failure, root_cause, stalled_rank
+from tests.pretrain.test_pretrain import SMALL as PRETRAIN_SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = [
-    "model.d_model=64",
-    "model.d_ff=256",
-    "data.seq_len=64",
-    "data.vocab_size=1024",
-    "data.tokenizer_train_docs=300",
-    "train.log.progress_bar=false",
-    "train.log.plot=false",
-    "train.max_steps=100000",
-]
+SMALL = [*PRETRAIN_SMALL, "train.log.plot=false", "train.max_steps=100000"]
 KILL, TERM = -int(signal.SIGKILL), -int(signal.SIGTERM)
 
 
@@ -101,17 +93,6 @@ def test_heartbeats_are_written_under_torchrun_and_read_back(tmp_path, monkeypat
 
 
 # ---- end to end: `smile train --nproc 2` -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from smile.data import DataConfig, build_tokenizer
-    from smile.data.embedded import embedded_documents
-
-    path = str(tmp_path_factory.mktemp("smile-cache"))
-    embedded_documents(None, path)
-    build_tokenizer(DataConfig(cache_dir=path, vocab_size=1024, tokenizer_train_docs=300))
-    return path
-
-
 class Job:
     """`smile train --nproc 2` in the background, its workers found through /proc."""
 

@@ -327,13 +327,13 @@ EXPERTS, TOKENS, STEPS = 4, 8, 20
 
 
 class MoENet(nn.Module):
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, experts: int = EXPERTS) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(D)
         self.moe = MoELayer(
             D,
             2 * D,
-            EXPERTS,
+            experts,
             router="topk",
             k=2,
             dispatcher="flat",  # "local" on one rank

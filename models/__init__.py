@@ -21,3 +21,8 @@ register(ZooMethod(
     "smile.models.trap_replace.method:train", "smile.models.trap_replace.method:evaluate",
     summary="Trap and Replace: a backdoor defense with a replaceable classification head (NeurIPS 2022)",
 ))  # fmt: skip
+register(ZooMethod(
+    "pomp", "smile.models.pomp.config:POMPConfig", "smile.models.pomp.method:train",
+    "smile.models.pomp.method:evaluate",
+    summary="POMP: prompt pre-training over twenty-thousand classes with local contrast (NeurIPS 2023)",
+))  # fmt: skip

@@ -26,3 +26,9 @@ register(ZooMethod(
     "smile.models.pomp.method:evaluate",
     summary="POMP: prompt pre-training over twenty-thousand classes with local contrast (NeurIPS 2023)",
 ))  # fmt: skip
+register(ZooMethod(
+    "zeroshot_eval", "smile.models.zeroshot_eval.config:ZeroShotEvalConfig",
+    "smile.models.zeroshot_eval.method:train", "smile.models.zeroshot_eval.method:evaluate",
+    summary="Zero-shot(-CoT) evaluation on the 20 datasets of 'Is ChatGPT a General-Purpose NLP Task Solver?' "
+    "(EMNLP 2023); evaluation only: train is not applicable",
+))  # fmt: skip

@@ -32,3 +32,8 @@ register(ZooMethod(
     summary="Zero-shot(-CoT) evaluation on the 20 datasets of 'Is ChatGPT a General-Purpose NLP Task Solver?' "
     "(EMNLP 2023); evaluation only: train is not applicable",
 ))  # fmt: skip
+register(ZooMethod(
+    "masked_diffuse_lm", "smile.models.masked_diffuse_lm.config:MDLMConfig",
+    "smile.models.masked_diffuse_lm.method:train", "smile.models.masked_diffuse_lm.method:evaluate",
+    summary="Masked-Diffuse LM: diffusion LM with soft-masked noise, cross-entropy denoiser (EMNLP 2023)",
+))  # fmt: skip

@@ -6,6 +6,7 @@ from smile.runtime.config import (
     CheckpointConfig,
     ConfigError,
     DistConfig,
+    EMAConfig,
     LogConfig,
     OptimizerConfig,
     ParamGroupConfig,
@@ -17,22 +18,27 @@ from smile.runtime.config import (
     load_config,
 )
 from smile.runtime.distributed import init_distributed
+from smile.runtime.ema import load_ema_weights
 from smile.runtime.export import export_pretrained, load_weights
-from smile.runtime.trainer import FitResult, StepContext, Trainer
+from smile.runtime.lock import RunLockedError
+from smile.runtime.trainer import FitResult, StepContext, Trainer, TrainingFailedError
 
 __all__ = [
     "CheckpointConfig",
     "CheckpointError",
     "ConfigError",
     "DistConfig",
+    "EMAConfig",
     "FitResult",
     "LogConfig",
     "OptimizerConfig",
     "ParamGroupConfig",
+    "RunLockedError",
     "ScheduleConfig",
     "StepContext",
     "TrainConfig",
     "Trainer",
+    "TrainingFailedError",
     "apply_overrides",
     "config_to_dict",
     "export_pretrained",
@@ -40,6 +46,7 @@ __all__ = [
     "init_distributed",
     "latest_checkpoint",
     "load_config",
+    "load_ema_weights",
     "load_weights",
     "verify_all",
 ]

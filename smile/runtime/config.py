@@ -26,6 +26,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DistConfig",
+    "EMAConfig",
     "LogConfig",
     "OptimizerConfig",
     "ParamGroupConfig",
@@ -245,6 +246,30 @@ class DistConfig:
 
 
 @dataclass
+class EMAConfig:
+    """Exponential moving average of the weights (``smile.runtime.ema``), kept in the checkpoint.
+
+    decay: shadow = decay * shadow + (1 - decay) * weights after every optimizer step; 0 disables
+        (the default). Diffusion models decode with it (e.g. 0.9999).
+    start_step: steps before the EMA starts; until then the shadow copies the weights.
+    evaluate: run evaluation (``eval_fn`` / ``generate_fn`` / the loss) with the EMA weights.
+    """
+
+    decay: float = 0.0
+    start_step: int = 0
+    evaluate: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.decay > 0.0
+
+    def validate(self, where: str) -> None:
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"{where}.decay={self.decay} must be in [0, 1) (0 disables the EMA)")
+        _at_least(f"{where}.start_step", self.start_step, 0)
+
+
+@dataclass
 class TrainConfig:
     """Everything the Trainer needs besides the model, the data and the loss function.
 
@@ -258,6 +283,7 @@ class TrainConfig:
         cycles through them, ``frequency`` steps each, with the others' parameters frozen.
     eval_every: evaluate every this many steps (0: only at the end, if eval data is given).
     eval_batches: batches per evaluation per rank (None: the whole eval iterable).
+    ema: EMA weights (``EMAConfig``; off by default), saved in checkpoints, used for evaluation.
     deepspeed: extra DeepSpeed config, deep-merged over the generated one (expert use).
     """
 
@@ -276,6 +302,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, where: str = "train") -> None:
@@ -304,6 +331,11 @@ class TrainConfig:
         self.checkpoint.validate(f"{where}.checkpoint")
         self.log.validate(f"{where}.log")
         self.dist.validate(f"{where}.dist")
+        self.ema.validate(f"{where}.ema")
+        if self.ema.enabled and self.zero_stage == 3:
+            raise ConfigError(
+                f"{where}.ema needs zero_stage 0, 1 or 2 (ZeRO-3 partitions the weights), got 3"
+            )
 
     @property
     def checkpoint_dir(self) -> Path:

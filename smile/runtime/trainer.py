@@ -16,13 +16,14 @@ the same number of forward passes (MoE layers and ZeRO-3 communicate inside forw
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import uuid
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -36,6 +37,7 @@ from smile.moe import collect_aux_loss
 from smile.moe.experts import is_expert_parameter
 from smile.moe.topology import Topology
 from smile.runtime import checkpoint as ckpt
+from smile.runtime import ema as ema_files
 from smile.runtime import lock as runlock
 from smile.runtime import reshard, supervision
 from smile.runtime.config import TrainConfig, config_to_dict
@@ -85,6 +87,8 @@ class StepContext:
 
 LossFn = Callable[[nn.Module, Any, StepContext], "torch.Tensor | tuple[torch.Tensor, Mapping[str, Any]]"]
 EvalFn = Callable[[nn.Module, Iterable, StepContext], Mapping[str, float]]
+# generate_fn(model, ctx) -> metrics | (metrics, samples): generation at each evaluation
+GenerateFn = Callable[[nn.Module, StepContext], "Mapping[str, float] | tuple[Mapping[str, float], list]"]
 
 
 @dataclass
@@ -142,6 +146,7 @@ class Trainer:
         *,
         topology: Topology | None = None,
         eval_fn: EvalFn | None = None,
+        generate_fn: GenerateFn | None = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -158,6 +163,7 @@ class Trainer:
         self.model = model
         self.loss_fn = loss_fn
         self.eval_fn = eval_fn
+        self.generate_fn = generate_fn
         self._opt_configs = {o.name: o for o in config.optimizers}
 
         has_experts = tag_expert_parameters(model, expert_group_name(self.topology)) > 0
@@ -179,6 +185,8 @@ class Trainer:
             _LossModule(model, loss_fn), self.optimizer, ds_config, backend_for(config.dist)
         )
         self.device = self.engine.device
+        # EMA of the trainable weights (smile.runtime.ema): checkpointed, used for evaluation.
+        self.ema = ema_files.EMA(model, config.ema) if config.ema.enabled else None
 
         self.data = DataStream(resolve(train_data, self.rank, self.world_size))
         self.eval_source = None if eval_data is None else resolve(eval_data, self.rank, self.world_size)
@@ -277,13 +285,13 @@ class Trainer:
                 if self.step % cfg.log.every == 0 or done:
                     last_train = self._log_record()
                     sink.write(last_train)
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_source is not None:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.evaluates:
                     eval_metrics, evaluated_at = self.evaluate(), self.step
                     sink.write({"split": "eval", "step": self.step, **eval_metrics})
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     path, saved_at = self.save_checkpoint(), self.step
             self._check_steps_applied(first_step, skipped_before)  # before a final save or "done"
-            if self.eval_source is not None and evaluated_at != self.step:
+            if self.evaluates and evaluated_at != self.step:
                 eval_metrics = self.evaluate()
                 sink.write({"split": "eval", "step": self.step, **eval_metrics})
             if cfg.checkpoint.save_final and saved_at != self.step:
@@ -353,6 +361,8 @@ class Trainer:
         for name in active:
             self.optimizer_steps[name] += 1
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
 
     def _log_record(self) -> dict[str, Any]:
         record: dict[str, Any] = {"split": "train", "step": self.step}
@@ -372,22 +382,29 @@ class Trainer:
         return record
 
     # ---- evaluation ---------------------------------------------------------------------------
+    @property
+    def evaluates(self) -> bool:
+        """Whether there is anything to evaluate (eval data, or a ``generate_fn``)."""
+        return self.eval_source is not None or self.generate_fn is not None
+
     def evaluate(self) -> dict[str, float]:
-        """Mean loss and metrics over the eval data (or ``eval_fn``'s metrics), across ranks."""
-        if self.eval_source is None:
-            raise ValueError("Trainer.evaluate needs eval_data")
+        """Mean loss and metrics over the eval data (or ``eval_fn``'s metrics), plus
+        ``generate_fn``'s, across ranks; with the EMA weights when ``ema.evaluate``."""
+        if not self.evaluates:
+            raise ValueError("Trainer.evaluate needs eval_data or a generate_fn")
         ctx = StepContext(self.step, 0, False, frozenset(), self.topology, self.device)
         self.engine.eval()
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, float] = defaultdict(float)
+        use_ema = self.ema is not None and self.config.ema.evaluate
         try:
-            with torch.no_grad():
-                if self.eval_fn is not None:
+            with torch.no_grad(), self.ema.applied() if use_ema else nullcontext():
+                if self.eval_source is not None and self.eval_fn is not None:
                     for key, value in self.eval_fn(self.model, self.eval_source, ctx).items():
                         sums[key] += float(value)
                         counts[key] += 1
                     collect_aux_loss(self.model)  # eval's router losses never reach a training step
-                else:
+                elif self.eval_source is not None:
                     for i, raw in enumerate(self.eval_source):
                         if self.config.eval_batches is not None and i >= self.config.eval_batches:
                             break
@@ -399,9 +416,30 @@ class Trainer:
                             if key not in ("tokens", "samples"):
                                 sums[key] += float(value)
                                 counts[key] += 1
+                if self.generate_fn is not None:
+                    for key, value in self._generate(ctx).items():
+                        sums[key] += float(value)
+                        counts[key] += 1
         finally:
             self.engine.train()
         return reduce_mean(dict(sums), dict(counts))
+
+    def _generate(self, ctx: StepContext) -> Mapping[str, float]:
+        """Run ``generate_fn`` with its own RNG (seeded by seed, step and rank; the training RNG
+        stream is untouched, so resume stays bit-identical); rank 0 writes its samples to
+        ``<run_dir>/samples/step_<N>.jsonl``."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((self.config.seed * 1_000_003 + self.step) * 4096 + self.rank)
+            out = self.generate_fn(self.model, ctx)
+        collect_aux_loss(self.model)  # generation's router losses never reach a training step
+        metrics, samples = out if isinstance(out, tuple) else (out, None)
+        if samples is not None and self.rank == 0:
+            folder = self.run_dir / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            lines = "".join(json.dumps(sample) + "\n" for sample in samples)
+            (folder / f"step_{self.step:08d}.jsonl").write_text(lines)
+        return metrics
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -444,6 +482,8 @@ class Trainer:
             "data": self.data.state_dict(),
             "loop": {"step": self.step, "optimizer_steps": dict(self.optimizer_steps)},
         }
+        if self.ema is not None:
+            files.update(ema_files.write_files(self.ema, stage, self.rank, self.topology))
         tree, tensors = encode(state)
         name = f"rank{self.rank}"
         files[f"{name}.safetensors"] = ckpt.write_tensors(stage, f"{name}.safetensors", tensors)
@@ -461,13 +501,8 @@ class Trainer:
         dist.barrier()
 
     def _checkpoint_meta(self, dense: dict, experts: dict) -> dict[str, Any]:
-        topo = self.topology
         return {
-            "world_size": self.world_size,
-            "topology": {"nodes": topo.nodes, "gpus_per_node": topo.gpus_per_node, "ep_nodes": topo.ep_nodes},
-            "zero_stage": self.config.zero_stage,
-            "precision": "bf16" if self.bf16 else "fp32",
-            "optimizers": list(self._opt_configs),
+            **reshard.layout_of(self),
             "has_experts": bool(experts),
             "dense_shapes": {k: list(v.shape) for k, v in dense.items()},
             "config": config_to_dict(self.config),
@@ -480,6 +515,9 @@ class Trainer:
             * self.world_size,
             "trainable_only": self.config.checkpoint.trainable_only,
             "frozen_source": self.config.checkpoint.frozen_source,
+            "ema": None
+            if self.ema is None
+            else {"decay": self.config.ema.decay, "updates": self.ema.updates},
         }
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -492,6 +530,12 @@ class Trainer:
         differences = reshard.layout_differences(self, manifest)
         if differences:
             self.resharded = reshard.load_resharded(self, path, manifest, differences)
+            if self.ema is not None:  # dense EMA carried when saved; expert EMA restarts here
+                self.ema.reset()
+                if manifest.get("ema"):
+                    dense = ema_files.read_tensors(path, manifest, self.topology, experts=False)
+                    self.ema.load({**self.ema.state()[1], **dense}, f"checkpoint {path}")
+                self.resharded["ema"] = "dense carried" if manifest.get("ema") else "reset to the weights"
             return
         self._check_compatible(path, manifest)
         dense = ckpt.read_tensors(path, manifest, "model.safetensors")
@@ -512,6 +556,14 @@ class Trainer:
         load_optimizer_state(self.engine, state["optimizer"])
         self.data.load_state_dict(state["data"])
         load_rng_state(state["rng"])
+        if self.ema is not None:
+            if not manifest.get("ema"):
+                raise ckpt.CheckpointError(
+                    f"checkpoint {path} has no EMA weights but this run has ema.decay="
+                    f"{self.config.ema.decay}; resume with ema.decay=0, or start from it with load_weights"
+                )
+            self.ema.load(ema_files.read_tensors(path, manifest, self.topology), f"checkpoint {path}")
+            self.ema.updates = int(manifest["ema"]["updates"])
         self.step = int(state["loop"]["step"])
         self.optimizer_steps.update({k: int(v) for k, v in state["loop"]["optimizer_steps"].items()})
         self.engine.global_steps = self.step

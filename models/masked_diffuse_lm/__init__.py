@@ -1,0 +1,31 @@
+"""Masked-Diffuse LM (Chen et al., EMNLP 2023): continuous diffusion over word embeddings with
+soft-masked noise (words noised in order of importance) and a cross-entropy denoiser;
+classifier-guided controllable generation. ``smile zoo masked_diffuse_lm train|eval``."""
+
+from smile.models.masked_diffuse_lm.config import BackboneCfg, ControlCfg, DataCfg, MDLMConfig
+from smile.models.masked_diffuse_lm.control import LatentClassifier, guidance
+from smile.models.masked_diffuse_lm.denoiser import Denoiser, bert_config, moefy_bert
+from smile.models.masked_diffuse_lm.diffusion import MaskedDiffuseLM, masked_ce
+from smile.models.masked_diffuse_lm.importance import ImportanceScorer, buckets, importance
+from smile.models.masked_diffuse_lm.schedule import SoftMaskSchedule
+from smile.models.masked_diffuse_lm.vocab import Vocab, tokenize
+
+__all__ = [
+    "BackboneCfg",
+    "ControlCfg",
+    "DataCfg",
+    "Denoiser",
+    "ImportanceScorer",
+    "LatentClassifier",
+    "MDLMConfig",
+    "MaskedDiffuseLM",
+    "SoftMaskSchedule",
+    "Vocab",
+    "bert_config",
+    "buckets",
+    "guidance",
+    "importance",
+    "masked_ce",
+    "moefy_bert",
+    "tokenize",
+]

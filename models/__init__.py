@@ -37,3 +37,8 @@ register(ZooMethod(
     "smile.models.masked_diffuse_lm.method:train", "smile.models.masked_diffuse_lm.method:evaluate",
     summary="Masked-Diffuse LM: diffusion LM with soft-masked noise, cross-entropy denoiser (EMNLP 2023)",
 ))  # fmt: skip
+register(ZooMethod(
+    "aim", "smile.models.aim.config:AIMConfig", "smile.models.aim.method:train",
+    "smile.models.aim.method:evaluate",
+    summary="AIM: frozen CLIP ViT adapted to video by spatial/temporal/joint adapters (ICLR 2023)",
+))  # fmt: skip

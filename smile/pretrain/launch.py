@@ -156,9 +156,11 @@ def _record_error(err: BaseException) -> None:
         "smile_time": now,
         "traceback": "".join(traceback.format_exception(err)),
     }
-    try:
-        with open(path, "w") as handle:
+    partial = f"{path}.partial"
+    try:  # atomic: torchrun's agent parses this file, and a rank may be killed while writing it
+        with open(partial, "w") as handle:
             json.dump(data, handle)
+        os.replace(partial, path)
     except OSError:
         pass
 

@@ -29,8 +29,8 @@ register(ZooMethod(
 register(ZooMethod(
     "zeroshot_eval", "smile.models.zeroshot_eval.config:ZeroShotEvalConfig",
     "smile.models.zeroshot_eval.method:train", "smile.models.zeroshot_eval.method:evaluate",
-    summary="Zero-shot(-CoT) evaluation on the 20 datasets of 'Is ChatGPT a General-Purpose NLP Task Solver?' "
-    "(EMNLP 2023); evaluation only: train is not applicable",
+    summary="Zero-shot(-CoT) evaluation on the 20 datasets of 'Is ChatGPT a General-Purpose NLP Task "
+    "Solver?' (EMNLP 2023); evaluation only: train is not applicable",
 ))  # fmt: skip
 register(ZooMethod(
     "masked_diffuse_lm", "smile.models.masked_diffuse_lm.config:MDLMConfig",

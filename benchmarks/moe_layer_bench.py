@@ -6,9 +6,12 @@ Variants (same d_model, d_ff, experts, tokens, top-1, capacity factor, fp32, one
   smile                 smile.MoELayer(router="bilevel", dispatcher="hierarchical") (the paper's pairing)
   deepspeed             deepspeed.moe.layer.MoE(ep_size=world, k=1), its own gate and All2All;
                         set_deepspeed_parallelism() is called directly (no deepspeed.initialize)
-SMILE's levers compose: ``smile+<lever>+<lever>...`` (``--variants``), each changing one thing:
+Every lever composes with either router: ``<router>+<lever>+<lever>...`` (``--variants``), router
+``switch`` (top-1, flat by default) or ``smile`` (bilevel, two hops by default), each lever
+changing one thing, so every comparison can hold the levers equal (``switch+pipelined`` vs
+``smile+pipelined``):
   dropless              capacity_factor=None: nothing is dropped
-  flat                  bilevel routing over the one-hop flat All2All instead of the two hops
+  flat / hierarchical   the one-hop flat All2All / the two hops (inter-node, then intra-node)
   pipelined             tokens in ``--chunks`` chunks whose All2Alls overlap each other and the
                         expert compute (bit-identical results)
   bf16                  All2All payloads sent as bf16 (dispatch and combine; lossy)
@@ -17,7 +20,8 @@ Every smile layer sends only kept rows (never capacity padding) and exchanges co
 
 Iterations are interleaved across variants so machine load hits all of them alike. A step ends
 when its slowest rank ends: each iteration's time is the maximum over ranks, and tokens/s is
-``world * tokens / median``. Prints the SMILE / DeepSpeed and SMILE / Switch ratios.
+``world * tokens / median``. Prints every variant / DeepSpeed and each SMILE variant / the
+Switch variant with the same levers.
 
 On an emulated cluster (``smile cluster``) each node's uplink byte counter is read around every
 step: the report gives the bytes each variant put on the busiest uplink per step and the
@@ -51,30 +55,30 @@ VARIANTS = ("switch+flat", "switch+hierarchical", "smile", "deepspeed")
 LEVERS: dict[str, dict] = {
     "dropless": {"capacity_factor": None},
     "flat": {"dispatcher": "flat"},
+    "hierarchical": {"dispatcher": "hierarchical"},
     "pipelined": {},  # chunks: set from --chunks
     "bf16": {"dispatch_payload": "bf16", "combine_payload": "bf16"},
     "fp8": {"dispatch_payload": "fp8", "combine_payload": "bf16"},
 }
-_BASES: dict[str, dict] = {
-    "switch+flat": {"router": "switch", "dispatcher": "flat"},
-    "switch+hierarchical": {"router": "switch", "dispatcher": "hierarchical"},
+ROUTERS: dict[str, dict] = {
+    "switch": {"router": "switch", "dispatcher": "flat"},
     "smile": {"router": "bilevel", "dispatcher": "hierarchical"},
 }
+_EXCLUSIVE = ({"bf16", "fp8"}, {"flat", "hierarchical"})
 
 
 def layer_options(name: str, cfg: dict) -> dict:
-    """MoELayer options of a variant name: a base, or ``smile`` followed by ``+lever`` parts."""
-    if name in _BASES:
-        return {"capacity_factor": cfg["capacity_factor"], "chunks": 1, **_BASES[name]}
+    """MoELayer options of a variant name: a router (``switch``, ``smile``) and ``+lever`` parts."""
     base, *levers = name.split("+")
     unknown = [lever for lever in levers if lever not in LEVERS]
     repeated = len(set(levers)) != len(levers)
-    if base != "smile" or not levers or unknown or repeated or {"bf16", "fp8"} <= set(levers):
+    if base not in ROUTERS or unknown or repeated or any(pair <= set(levers) for pair in _EXCLUSIVE):
         raise ValueError(
-            f"variant {name!r} unknown; allowed: {', '.join(VARIANTS)}, or smile+<lever>... with distinct "
-            f"levers from {', '.join(LEVERS)} (bf16 or fp8, not both)"
+            f"variant {name!r} unknown; allowed: deepspeed, or <router>+<lever>... with router "
+            f"{' or '.join(ROUTERS)} and distinct levers from {', '.join(LEVERS)} "
+            "(bf16 or fp8, flat or hierarchical, not both)"
         )
-    options = layer_options("smile", cfg)
+    options = {"capacity_factor": cfg["capacity_factor"], "chunks": 1, **ROUTERS[base]}
     for lever in levers:
         options.update(LEVERS[lever])
     if "pipelined" in levers:
@@ -229,9 +233,19 @@ def summarize(per_rank: list[dict], cfg: dict, world: int, rate_mbit: float | No
     return rows
 
 
+def switch_twin(name: str, rows: dict[str, dict]) -> str | None:
+    """The Switch variant with the same levers as SMILE variant ``name`` (like for like), if run."""
+    base, *levers = name.split("+")
+    if base != "smile":
+        return None
+    candidates = ("+".join(["switch", *levers]), "+".join(["switch", "flat", *levers]))
+    return next((c for c in candidates if c in rows), None)
+
+
 def ratios(rows: dict[str, dict]) -> dict[str, float]:
-    """Every variant against DeepSpeed-MoE, and SMILE against the Switch baseline."""
-    pairs = [(name, "deepspeed") for name in rows if name != "deepspeed"] + [("smile", "switch+flat")]
+    """Every variant against DeepSpeed-MoE, and each SMILE variant against Switch with the same levers."""
+    pairs = [(name, "deepspeed") for name in rows if name != "deepspeed"]
+    pairs += [(name, twin) for name in rows if (twin := switch_twin(name, rows))]
     return {
         f"{a} / {b}": rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
         for a, b in pairs

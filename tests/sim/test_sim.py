@@ -325,7 +325,7 @@ def test_benchmarks_run_at_tiny_sizes(tmp_path):
     a2a_cfg = dict(sizes=[16 * 1024, 64 * 1024], hidden=16, dtype="float32", iters=2, min_iters=1, warmup=1)
     a2a_cfg["budget_s"] = 5.0
     moe_cfg = dict(tokens=32, d_model=16, d_ff=16, experts_per_rank=1, capacity_factor=1.0, iters=1, warmup=1)
-    levers = ["smile+dropless", "smile+pipelined+bf16", "smile+flat+pipelined+fp8"]
+    levers = ["smile+dropless", "smile+pipelined+bf16", "switch+pipelined+bf16", "smile+flat+pipelined+fp8"]
     moe_cfg.update(chunks=2, variants=[*moe_layer_bench.VARIANTS, *levers])
     start = time.monotonic()
     per_rank = run_distributed(_bench_worker, 2, 2, a2a_cfg, moe_cfg, timeout=300)
@@ -349,7 +349,8 @@ def test_benchmarks_run_at_tiny_sizes(tmp_path):
     assert rows["smile+dropless"]["dropped"] == 0
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["deepspeed"]["dropped"] is None and 0 <= rows["smile"]["dropped"] < 1
-    expected = {f"{v} / deepspeed" for v in moe_cfg["variants"] if v != "deepspeed"} | {"smile / switch+flat"}
+    expected = {f"{v} / deepspeed" for v in moe_cfg["variants"] if v != "deepspeed"}
+    expected |= {"smile / switch+flat", "smile+pipelined+bf16 / switch+pipelined+bf16"}  # like for like
     assert set(moe_layer_bench.ratios(rows)) == expected
     assert time.monotonic() - start < 300
 
@@ -366,7 +367,10 @@ def test_layer_variant_names_compose_levers():
         "combine_payload": "bf16",
     }
     assert moe_layer_bench.layer_options("switch+flat", cfg)["chunks"] == 1
-    for bad in ("smile+warp", "smile+bf16+fp8", "smile+flat+flat", "switch+pipelined", "smile+"):
+    # every lever with either router: Switch takes SMILE's levers (like-for-like comparisons)
+    assert moe_layer_bench.layer_options("switch+pipelined+fp8", cfg) == {**options, "router": "switch"}
+    assert moe_layer_bench.layer_options("switch+hierarchical", cfg)["dispatcher"] == "hierarchical"
+    for bad in ("smile+warp", "smile+bf16+fp8", "smile+flat+flat", "switch+flat+hierarchical", "smile+"):
         with pytest.raises(ValueError, match="unknown; allowed"):
             moe_layer_bench.layer_options(bad, cfg)
 

@@ -38,6 +38,11 @@ register(ZooMethod(
     summary="Masked-Diffuse LM: diffusion LM with soft-masked noise, cross-entropy denoiser (EMNLP 2023)",
 ))  # fmt: skip
 register(ZooMethod(
+    "mm_cot", "smile.models.mm_cot.config:MMCoTConfig", "smile.models.mm_cot.method:train",
+    "smile.models.mm_cot.method:evaluate",
+    summary="Multimodal-CoT: gated vision fusion in T5, rationale then answer generation (TMLR 2024)",
+))  # fmt: skip
+register(ZooMethod(
     "aim", "smile.models.aim.config:AIMConfig", "smile.models.aim.method:train",
     "smile.models.aim.method:evaluate",
     summary="AIM: frozen CLIP ViT adapted to video by spatial/temporal/joint adapters (ICLR 2023)",

@@ -61,6 +61,8 @@ def test_layer_errors_name_the_problem():
 
 
 def test_topology_errors_and_coordinates(monkeypatch):
+    # torchrun's variables, not a process group another test may have left in this process
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     with pytest.raises(ValueError, match="sim_nodes=2 does not tile the world size 1"):
         Topology.from_env(sim_nodes=2)
     with pytest.raises(ValueError, match="gpus_per_node must be a positive int"):

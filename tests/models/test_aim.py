@@ -5,7 +5,6 @@ joint adapter on 2 nodes x 2 GPUs, and the temporal adapter's effect against the
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +22,13 @@ from smile.moe import MoEConfig
 from smile.runtime import OptimizerConfig, load_config
 from smile.runtime.optim import build_optimizer
 from smile.testing import run_distributed
+from tests.models.conftest import OFFLINE
 
 CONFIGS = Path(__file__).parents[2] / "models" / "aim" / "configs"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TRAINABLE = ("Adapter", "temporal_embedding", "ln_post", "head")
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-
-    def refuse(*args, **kwargs):
-        raise OSError(f"network access in a test: {args[:1]}")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def save_random_vit(path: Path, seed: int = 0) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +30,12 @@ from smile.models.pomp.method import POMPLoss, build_model, evaluate
 from smile.models.pomp.tiny_clip import EXTRA_WORDS, build_tiny_clip, tiny_config, word_tokenizer
 from smile.runtime import ConfigError, load_config
 from smile.testing import run_distributed
+from tests.models.conftest import OFFLINE
 
 TINY_CONFIG = Path(__file__).parents[2] / "models" / "pomp" / "configs" / "digits_tiny.yaml"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    for key, value in OFFLINE.items():
-        monkeypatch.setenv(key, value)
-
-    def refuse(*args, **kwargs):
-        raise OSError(f"network access in a test: {args[:1]}")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def save_random_clip(path: Path, seed: int = 0) -> Path:

@@ -47,3 +47,9 @@ register(ZooMethod(
     "smile.models.aim.method:evaluate",
     summary="AIM: frozen CLIP ViT adapted to video by spatial/temporal/joint adapters (ICLR 2023)",
 ))  # fmt: skip
+register(ZooMethod(
+    "spt", "smile.models.spt.config:JobConfig", "smile.models.spt.method:train",
+    "smile.models.spt.method:evaluate",
+    summary="SPT: semi-parametric prompt tuning, a memory bank of prompts retrieved by the discrete "
+    "prompt, on T5 (arXiv 2212.10929)",
+))  # fmt: skip

@@ -106,12 +106,7 @@ def train(cfg: AIMConfig) -> dict[str, Any]:
         (run / CONFIG_FILE).write_text(json.dumps(config_to_dict(cfg), indent=1))
     trainer.close()
     return {
-        "run_dir": str(run),
-        "step": fit.step,
-        "losses": fit.losses,
-        "checkpoint": str(fit.checkpoint) if fit.checkpoint else None,
-        "resumed_from": fit.resumed_from,
-        "train_metrics": fit.train_metrics,
+        **fit.summary(run),
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
     }
 

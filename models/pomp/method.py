@@ -178,12 +178,7 @@ def train(
         (run / CONFIG_FILE).write_text(json.dumps({"config": config_to_dict(cfg), "n_classes": n}, indent=1))
     trainer.close()
     return {
-        "run_dir": str(run),
-        "step": fit.step,
-        "losses": fit.losses,
-        "checkpoint": str(fit.checkpoint) if fit.checkpoint else None,
-        "resumed_from": fit.resumed_from,
-        "train_metrics": fit.train_metrics,
+        **fit.summary(run),
         "negatives": loss.drawn,
     }
 

@@ -102,6 +102,17 @@ class FitResult:
     export: str | None = None
     resharded: dict[str, Any] | None = None  # what a resume on another layout did (reshard.py)
 
+    def summary(self, run_dir: str | Path) -> dict[str, Any]:
+        """A JSON-ready record of the run (what a method's ``train`` returns, plus its own keys)."""
+        return {
+            "run_dir": str(run_dir),
+            "step": self.step,
+            "losses": self.losses,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+            "resumed_from": self.resumed_from,
+            "train_metrics": self.train_metrics,
+        }
+
 
 class _LossModule(nn.Module):
     """Runs the user's loss function inside the engine's forward, so DeepSpeed's backward

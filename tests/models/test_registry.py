@@ -174,3 +174,28 @@ def test_smile_zoo_unknown_config_is_one_error_line():
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert "'trap_replace'" in lines[0] and "'no_such_config'" in lines[0] and "digits_tiny" in lines[0]
+
+
+def test_smile_zoo_locked_run_dir_is_one_error_line(tmp_path, monkeypatch):
+    from smile.runtime import lock
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("SMILE_JOB_ID", "a-live-job")
+    held = lock.acquire(run_dir)  # this test process is the live holder
+    env = {k: v for k, v in os.environ.items() if k != "SMILE_DEBUG"} | {"SMILE_JOB_ID": "another-job"}
+    argv = ["zoo", "lemda", "train", "--config", "wine_tiny", f"train.run_dir={run_dir}"]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "smile.cli", *argv],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        held.release()
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("smile zoo lemda: error: run dir ") and "'a-live-job'" in last, out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -231,3 +232,175 @@ def test_moe_ffns_train_one_step_on_2_nodes_x_2_gpus(tmp_path):
         # retrieval (prompt routing) and expert routing are logged apart
         assert "retrieval_entropy" in out["metrics"]
         assert any(m.startswith("moe_") for m in out["metrics"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The full-scale configs on local fixtures in the real layouts (sizes and steps overridden)
+# ---------------------------------------------------------------------------------------------
+def _local_t5(root, texts: list[str]) -> str:
+    """A tiny T5 and its word-level tokenizer saved like a hub checkpoint (``from_pretrained``)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from smile.models.spt.data import word_tokenizer
+
+    tok = word_tokenizer(texts)
+    torch.manual_seed(0)
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+    path = root / "t5-lm-adapt"
+    T5ForConditionalGeneration(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _glue_fixture(
+    root, benchmark: str, task: str, fields: tuple[str, ...], labels: tuple[str, ...]
+) -> list[str]:
+    """``<root>/<benchmark>/<task>/{train,validation}-00000-of-00001.parquet`` as on the hub."""
+    import datasets
+
+    words = ["red", "blue", "cat", "dog", "runs", "sleeps"]
+    features = datasets.Features(
+        {**{f: datasets.Value("string") for f in fields}, "label": datasets.ClassLabel(names=list(labels))}
+    )
+    folder = root / benchmark / task
+    folder.mkdir(parents=True)
+    for split, n in (("train", 16), ("validation", 8)):
+        rows = {
+            f: [f"{words[(i + j) % 6]} {words[(2 * i + j) % 6]}" for i in range(n)]
+            for j, f in enumerate(fields)
+        }
+        rows["label"] = [i % len(labels) for i in range(n)]
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(folder / f"{split}-00000-of-00001.parquet")
+        )
+    return words + [f"{f}:" for f in fields] + list(labels) + [task]
+
+
+# a few steps of a full-scale job's train section on CPU (prefix with "train." / "finetune_train.")
+SHORT_RUN = [
+    "max_steps=3",
+    "micro_batch_size=8",
+    "grad_accum_steps=1",
+    "zero_stage=0",
+    "eval_every=0",
+    "log={every: 1, progress_bar: false, plot: false}",
+    "checkpoint={save_final: false, resume: never}",
+]
+SMALL_MODEL = ["spt.bank_size=4", "spt.prompt_len=2"]
+
+
+def test_glue2superglue_config_pretrains_the_bank_then_finetunes_from_it(tmp_path):
+    """Setting B's full-scale config on GLUE / SuperGLUE parquet fixtures in the hub layout: stage
+    1 trains only the bank (the local LM frozen), stage 2 starts from stage 1's bank."""
+    from safetensors.torch import load_file
+
+    from smile.models.spt.config import JobConfig
+    from smile.models.spt.method import Experiment, train
+    from smile.runtime import load_config
+
+    torch.set_num_threads(1)
+    data = tmp_path / "data"
+    words = _glue_fixture(data, "glue", "rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"))
+    cb_labels = ("entailment", "contradiction", "neutral")
+    words += _glue_fixture(data, "super_glue", "cb", ("premise", "hypothesis"), cb_labels)
+    job = load_config(
+        JobConfig,
+        "models/spt/configs/glue2superglue.yaml",
+        [
+            f"spt.backbone_path={_local_t5(tmp_path, words)}",
+            *SMALL_MODEL,
+            "data.tasks=[glue/rte]",
+            f"data.data_dir={data}",
+            "data.max_length=32",
+            "finetune_data.tasks=[super_glue/cb]",
+            f"finetune_data.data_dir={data}",
+            "finetune_data.max_length=32",
+            *(f"train.{o}" for o in SHORT_RUN),
+            f"train.run_dir={tmp_path}/stage1",
+            *(f"finetune_train.{o}" for o in SHORT_RUN),
+            f"finetune_train.run_dir={tmp_path}/stage2",
+        ],
+    )
+    out = train(job)
+    assert out["stage1"]["steps"] == out["stage2"]["steps"] == 3
+    assert set(out["stage2"]["eval"]) >= {
+        "train/super_glue/cb/accuracy",
+        "train/super_glue/cb/retrieval_entropy",
+    }
+    stage1_bank = load_file(out["stage1"]["bank"])
+    assert not (tmp_path / "stage1" / "spt" / "model.safetensors").exists()  # the frozen LM is not saved
+    # stage 2's model starts from stage 1's bank (every bank tensor loaded, none left at its init)
+    stage2 = dataclasses.replace(job, spt=dataclasses.replace(job.spt, init_bank=out["stage1"]["bank"]))
+    start = Experiment(stage2, data=job.finetune_data).build().bank_state_dict()
+    assert start.keys() == stage1_bank.keys()
+    assert all(torch.equal(start[k], stage1_bank[k]) for k in start)
+    assert not torch.equal(load_file(out["stage2"]["bank"])[next(iter(start))], start[next(iter(start))])
+
+
+def test_t0_multitask_config_trains_on_promptsource_jsonl_and_scores_heldout_zero_shot(tmp_path):
+    """Setting A's full-scale config on local promptsource-rendered JSONL (the P3 layout)."""
+    import json
+
+    from smile.models.spt.config import JobConfig
+    from smile.models.spt.method import train
+    from smile.runtime import load_config
+
+    torch.set_num_threads(1)
+    templates = {
+        "sentiment": "Is {input} good or bad ?",
+        "topic": "{input} . Topic : animal or colour ?",
+        "nli_heldout": "Does {input} follow ? yes or no",
+    }
+    answers = {"sentiment": ["good", "bad"], "topic": ["animal", "colour"], "nli_heldout": ["yes", "no"]}
+    words: list[str] = []
+    for task, template in templates.items():
+        (tmp_path / "p3" / task).mkdir(parents=True)
+        for split in ("train", "validation"):
+            rows = [
+                {
+                    "template_text": template,
+                    "input": f"the cat {i}",
+                    "target": answers[task][i % 2],
+                    "choices": answers[task],
+                }
+                for i in range(8)
+            ]
+            (tmp_path / "p3" / task / f"{split}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rows)
+            )
+        words += (
+            template.replace("{input}", "").split()
+            + answers[task]
+            + ["the", "cat"]
+            + [str(i) for i in range(8)]
+        )
+    job = load_config(
+        JobConfig,
+        "models/spt/configs/t0_multitask.yaml",
+        [
+            f"spt.backbone_path={_local_t5(tmp_path, words)}",
+            f"data.data_dir={tmp_path / 'p3'}",
+            "data.tasks=[sentiment, topic]",
+            "data.heldout=[nli_heldout]",
+            "data.max_target_length=4",
+            "data.max_length=32",
+            *SMALL_MODEL,
+            *(f"train.{o}" for o in SHORT_RUN),
+            f"train.run_dir={tmp_path}/run",
+        ],
+    )
+    out = train(job)
+    assert out["steps"] == 3
+    assert 0.0 <= out["eval"]["heldout/nli_heldout/accuracy"] <= 1.0
+    assert (tmp_path / "run" / "spt" / "model.safetensors").is_file()  # the fine-tuned LM is saved

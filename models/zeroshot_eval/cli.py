@@ -4,7 +4,8 @@ eval              run the config's tasks on its model (zs or zs-cot), write resu
 eval --report D   print the paper-style table of the results under D (nothing is run)
 train             not applicable: this is an evaluation-only method (one error line)
 
-Several GPUs: ``torchrun --nproc-per-node N -m smile.cli zoo zeroshot_eval eval --config ...``.
+Several GPUs: ``smile zoo zeroshot_eval eval --nproc N --config ...`` (or
+``torchrun --nproc-per-node N -m smile.cli zoo zeroshot_eval eval --config ...``).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     from smile.moe.topology import under_torchrun
     from smile.pretrain.config import load_job
     from smile.pretrain.job import preflight, run
-    from smile.pretrain.launch import launch
+    from smile.runtime.launch import launch
 
     overrides = list(args.overrides)
     if args.sim_nodes is not None:
@@ -70,7 +70,14 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.nproc is not None and not inside:
         worker_argv = (["--config", args.config] if args.config else []) + overrides
-        return launch(args.nproc, worker_argv, args.max_restarts)
+        return launch(
+            args.nproc,
+            "smile.cli",
+            ["train", *worker_argv],
+            job.train.run_dir,
+            prog="smile train",
+            max_restarts=args.max_restarts,
+        )
     from smile.runtime.trainer import TrainingFailedError
 
     try:

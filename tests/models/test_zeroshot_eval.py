@@ -314,6 +314,46 @@ def test_two_ranks_equal_one_rank_and_resume_skips_finished_examples(models_dir,
     assert not list(resume_dir.glob("*.partial.*"))
 
 
+@pytest.mark.slow
+def test_nproc_runs_the_cli_on_two_torchrun_workers_like_one_process(models_dir, tmp_path, capsys):
+    """``--nproc 2`` starts two workers through the runtime's launcher (torchrun's agent): the
+    examples are sharded and gathered back, and the result files equal those of one process."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"backend: hf_causal\nmodel: {models_dir / 'gpt2'}\ntasks: [gsm8k, conll03, copa]\nmode: zs-cot\n"
+        f"data_dir: {DATA}\nbatch_size: 2\nmax_new_tokens: 4\ncot_max_new_tokens: 4\nseed: 0\n"
+    )
+    one_dir = f"out_dir={tmp_path / 'one'}"
+    code, _, err = _smile("zoo", "zeroshot_eval", "eval", "--config", str(config), one_dir, capsys=capsys)
+    assert code == 0, err
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [
+        "zoo",
+        "zeroshot_eval",
+        "eval",
+        "--nproc",
+        "2",
+        "--config",
+        str(config),
+        f"out_dir={tmp_path / 'two'}",
+    ]
+    out = subprocess.run([sys.executable, "-m", "smile.cli", *argv], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    logs = list((tmp_path / "two" / "logs").glob("*/attempt_0/*/stderr.log"))  # under the config's out_dir
+    assert len(logs) == 2, logs
+    one = sorted((tmp_path / "one" / "gpt2").glob("*.json"))
+    assert [f.name for f in one] == [f.name for f in sorted((tmp_path / "two" / "gpt2").glob("*.json"))]
+    for f in one:
+        assert json.loads(f.read_text()) == json.loads((tmp_path / "two" / "gpt2" / f.name).read_text()), (
+            f.name
+        )
+
+
 def test_moe_export_evaluates_like_any_model_and_logs_expert_load(models_dir, tmp_path, caplog):
     from smile.moe import MoEConfig
 

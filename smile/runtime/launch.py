@@ -1,15 +1,16 @@
-"""Start local worker processes through torchrun's elastic agent, from inside ``smile train``.
+"""Start local worker processes through torchrun's elastic agent, from inside a ``smile`` command.
 
-``smile train --nproc N`` runs what ``torchrun --standalone --nproc-per-node N -m smile.cli train``
-would: the agent picks a free rendezvous port, starts N workers with the torchrun environment,
-and with ``max_restarts`` restarts them all after a failure; each restart resumes from the newest
-complete checkpoint (the runtime's ``checkpoint.resume="auto"``).
+``smile train --nproc N`` and ``smile zoo <method> ... --nproc N`` run what
+``torchrun --standalone --nproc-per-node N -m smile.cli ...`` would: the agent picks a free
+rendezvous port, starts N workers with the torchrun environment, and with ``max_restarts``
+restarts them all after a failure; each restart resumes from the newest complete checkpoint (the
+runtime's ``checkpoint.resume="auto"``).
 
 What an operator gets:
 
 * every worker's output goes to the console and to ``<run_dir>/logs/<run id>/attempt_<N>/<rank>/``
   (``stdout.log``, ``stderr.log``, and ``error.json`` when the worker raised);
-* workers die with the agent (``smile.runtime.supervision``): killing ``smile train`` leaves no
+* workers die with the agent (``smile.runtime.supervision``): killing the command leaves no
   orphan training, nor committing checkpoints;
 * when the run fails for good, ONE line names the root cause and returns 1::
 
@@ -22,6 +23,7 @@ What an operator gets:
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -35,16 +37,18 @@ import torch
 from smile.runtime import supervision
 
 
-def launch(nproc: int, worker_argv: list[str], max_restarts: int = 0, run_dir: str | None = None) -> int:
-    """Run ``smile train <worker_argv>`` on ``nproc`` local workers; returns an exit code.
+def launch(
+    nproc: int, module: str, argv: list[str], run_dir: str | Path, *, prog: str, max_restarts: int = 0
+) -> int:
+    """Run ``module.main(argv)`` (e.g. ``smile.cli`` with ``["train", ...]``) on ``nproc`` local
+    workers; returns an exit code.
 
-    ``run_dir``: the job's ``train.run_dir`` (read from ``worker_argv`` when not given), where the
-    logs and heartbeats go.
+    ``run_dir``: the job's run directory, where the logs go and the workers' heartbeats are read
+    from. ``prog`` names the command in the one-line failure report (``smile train``).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    run_dir = run_dir or _run_dir_of(worker_argv)
     log_dir = Path(run_dir) / "logs"
     supervision_dir = Path(run_dir) / supervision.HEARTBEAT_DIR
     for stale in supervision_dir.glob("*") if supervision_dir.is_dir() else ():
@@ -62,25 +66,21 @@ def launch(nproc: int, worker_argv: list[str], max_restarts: int = 0, run_dir: s
             "--redirects=3",  # stdout and stderr of every rank to its files ...
             "--tee=3",  # ... and to the console
             "--module",
-            __name__,  # the worker entry below: `smile train` that records its error with a time
-            "train",
-            *worker_argv,
+            __name__,  # the worker entry below: runs `module`, recording its error with a time
+            module,
+            *argv,
         ]
     )
     try:
         run(args)
     except ChildFailedError as err:
-        print(report(err.failures, run_dir, log_dir, args.rdzv_id), file=sys.stderr, flush=True)
+        print(
+            report(err.failures, run_dir, log_dir, prog=prog, run_id=args.rdzv_id),
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return 0
-
-
-def _run_dir_of(worker_argv: list[str]) -> str:
-    from smile.pretrain.config import load_job
-
-    config = worker_argv[1] if worker_argv[:1] == ["--config"] else None
-    overrides = worker_argv[2:] if config else worker_argv
-    return str(load_job(config, overrides).train.run_dir)
 
 
 # ---- the one-line report -------------------------------------------------------------------------
@@ -119,7 +119,9 @@ def _when(t: float) -> str:
     return datetime.fromtimestamp(t).isoformat(sep=" ", timespec="milliseconds")
 
 
-def report(failures: dict, run_dir: str | Path, log_dir: Path, run_id: str | None = None) -> str:
+def report(
+    failures: dict, run_dir: str | Path, log_dir: Path, *, prog: str, run_id: str | None = None
+) -> str:
     """One line naming the root-cause rank, how and when it failed, and its log (or its error)."""
     records = failures_from_torchrun(failures)
     beats = supervision.read_heartbeats(run_dir)
@@ -140,7 +142,7 @@ def report(failures: dict, run_dir: str | Path, log_dir: Path, run_id: str | Non
     where = f"its log: {log}" if log is not None else f"its error: {error or 'not recorded'}"
     if log is not None and error:
         where = f"{error}; {where}"
-    return f"smile train: error: rank {rank} {what}; {where}"
+    return f"{prog}: error: rank {rank} {what}; {where}"
 
 
 # ---- the worker entry ----------------------------------------------------------------------------
@@ -165,12 +167,11 @@ def _record_error(err: BaseException) -> None:
         pass
 
 
-def worker_main(argv: list[str]) -> int:
-    """``smile <argv>`` in a torchrun worker; an exception is recorded (with its time) and re-raised."""
-    from smile.cli import main
-
+def worker_main(module: str, argv: list[str]) -> int:
+    """``module.main(argv)`` in a torchrun worker; an exception is recorded (with its time) and
+    re-raised. The module is named, not imported here: the runtime does not depend on its callers."""
     try:
-        return main(argv)
+        return importlib.import_module(module).main(argv)
     except SystemExit:
         raise
     except BaseException as err:
@@ -179,4 +180,4 @@ def worker_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
+    sys.exit(worker_main(sys.argv[1], sys.argv[2:]))

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # One intra-op thread per process: simulated clusters run several ranks on few cores.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean bench-micro
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
+
+# Micro-benchmarks against the stored baseline (benchmarks/micro/baseline): fails on a median 25% slower.
+bench-micro: $(STAMP)
+	$(BIN)/python -m pytest benchmarks/micro -q --benchmark-compare --benchmark-compare-fail=median:25%
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

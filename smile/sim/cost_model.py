@@ -81,37 +81,64 @@ class ClusterSpec:
         return cls(**{k: (math.inf if v is None else v) for k, v in data.items()})
 
 
-# Effective (not nominal) figures; the nominal link rates they derive from are in each comment.
+# Effective (not nominal) figures, each anchored in what was read or measured (one comment per
+# parameter; "assumed" where no published figure was found). p4d = the AWS instance type of
+# 8x A100-SXM4-40GB; the SMILE paper's own cluster description was not available here (only its
+# abstract and front matter: authors at AWS AI), so "the paper ran on p4d" is itself unverified.
 PRESETS: dict[str, ClusterSpec] = {
-    # AWS p4d-like: 8x A100 on NVSwitch (NVLink3, 300 GB/s per direction per GPU, ~2/3 reached by
-    # All2All), 4x 100 Gb/s EFA per node (50 GB/s, 80% reached); EFA/libfabric ~15 us per message;
-    # A100 bf16 312 TFLOP/s dense at 56%; gathers at 45% of 1.55 TB/s HBM, output bytes counted.
     "a100-efa": ClusterSpec(
         name="8xA100 NVLink + 4x100Gb/s EFA",
         nodes=16,
         gpus_per_node=8,
+        # 400 Gb/s EFA per p4d node = 50 GB/s nominal (AWS blog "Amazon EC2 P4d instances deep
+        # dive"). Measured: all_reduce_perf 1 GiB on 4 x p4dn, busbw 29.6 GB/s (NCCL 2.9.9, a thread
+        # about slow EFA runs, NVIDIA/nccl#527). No bandwidth-bound alltoall figure for p4d was
+        # found: assumed 80% of nominal, between that slow measurement and the line rate.
         inter_bandwidth=40 * GB,
-        inter_latency=15e-6,
-        intra_bandwidth=200 * GB,
-        intra_latency=3e-6,
+        # alltoall_perf on A100-SXM4-40GB nodes over EFA (bottlerocket-kernel-kit PR #313 / #424):
+        # ~105-115 us from 2 to 32 KiB, i.e. latency-bound. Taking the excerpt's rank layout as
+        # 2 x 8 (not shown) and the 20 us overhead below: (105 - 20) / 8 remote peers ~ 10 us.
+        inter_latency=10e-6,
+        # all_reduce_perf 1 GiB inside one p4dn (NVSwitch, NVLink3): busbw 230.8 GB/s (NVIDIA/nccl#527);
+        # nominal 300 GB/s per direction per GPU (A100 SXM4 spec).
+        intra_bandwidth=230 * GB,
+        # No A100 small-message alltoall found: assumed equal to the NVSwitch figure of h100-ib.
+        intra_latency=1e-6,
+        # Assumed: the fixed part of one NCCL collective over EFA (launch, proxy, sync); with the
+        # latency above it reproduces the ~105 us latency-bound alltoall.
         collective_overhead=20e-6,
-        copy_bandwidth=0.35e12,
+        # ANCHORS: torch permute reaches 47% of device-copy bandwidth (H100); applied to A100-40GB's
+        # 1.555 TB/s HBM2 (spec), read + write counted: 0.47 * 1.555 / 2 = 0.365 TB/s of output.
+        copy_bandwidth=0.365e12,
+        # ANCHORS: the per-expert torch loop reached 56% of the matmul ceiling (H200, large shapes);
+        # applied to A100's 312 TFLOP/s dense bf16 (spec): an upper figure for Switch-Base's shapes.
         flops=175e12,
     ),
-    # DGX H100-like: 8x H100 on NVSwitch (NVLink4, 450 GB/s per direction, ~2/3 reached), 8x 400
-    # Gb/s InfiniBand per node (400 GB/s, 80% reached), ~5 us per IB message; bf16 matmuls at
-    # 400 TFLOP/s and torch gathers at 0.7 TB/s of output (both measured on H100/H200, ANCHORS).
     "h100-ib": ClusterSpec(
         name="8xH100 NVLink + 8x400Gb/s InfiniBand",
         nodes=16,
         gpus_per_node=8,
-        inter_bandwidth=320 * GB,
+        # NDR 400 Gb/s ConnectX-7: "46-48 GB/s per NIC" in nccl-tests (NVIDIA, nccl-tests#290), and
+        # alltoall cannot aggregate NICs, so each GPU gets its own NIC's rate (nccl-tests#267);
+        # DeepEP measured 43-58 GB/s per rank over CX7 at EP16-64 (deepseek-ai/DeepEP docs/legacy.md).
+        # 8 GPUs x 46 GB/s.
+        inter_bandwidth=368 * GB,
+        # No per-message InfiniBand figure for NCCL was found: assumed (IB verbs small messages take
+        # a few us; NCCL's proxy adds to it).
         inter_latency=5e-6,
-        intra_bandwidth=300 * GB,
-        intra_latency=2e-6,
-        collective_overhead=15e-6,
+        # NVLink4: 450 GB/s line rate per direction, "NCCL can get an effective NVLink bandwidth of
+        # 370GB/s", seen as busbw of non-allreduce collectives (NVIDIA, nccl-tests#212).
+        intra_bandwidth=370 * GB,
+        # alltoall_perf on 8 x H20 (NVSwitch, NVLink4; deepseek-ai/DeepEP#303): 3.1 us at 0 bytes,
+        # 10.3-11.1 us at 128 B-4 KiB: (10.6 - 3.1) / 7 peers ~ 1 us per peer.
+        intra_latency=1e-6,
+        # The same table's 0-byte alltoall: 3.1 us per collective call.
+        collective_overhead=3e-6,
+        # ANCHORS (H100): torch permute 1.41 TB/s with read + write counted, i.e. 0.7 TB/s of output.
         copy_bandwidth=0.7e12,
-        flops=400e12,
+        # ANCHORS (H200, the H100's compute die): the torch loop's expert matmuls at 437 TFLOP/s
+        # (56% of the 786 TFLOP/s measured ceiling; spec 989 TFLOP/s dense bf16).
+        flops=437e12,
     ),
 }
 
@@ -292,6 +319,143 @@ def crossover_nodes(spec: ClusterSpec, size: float, max_nodes: int = 4096) -> in
         if all2all_time(s, "hierarchical", size) < all2all_time(s, "flat", size):
             return n
     return None
+
+
+# ---- a whole model: the paper's setting ---------------------------------------------------------
+@dataclass(frozen=True)
+class MoEModel:
+    """One training step of a model on every GPU: its MoE layers and the dense FLOPs around them.
+
+    Why: the paper's 2.5x is end-to-end pretraining throughput. Attention, the dense FFNs and the
+    logits cost SMILE and Switch the same, so they dilute whatever the MoE layers gain.
+    """
+
+    name: str
+    moe_layers: tuple[tuple[MoEWorkload, int], ...]  # (per-GPU workload, layers of that workload)
+    dense_flops: float  # forward FLOPs per GPU per step outside the MoE layers
+
+    def __post_init__(self) -> None:
+        if not self.moe_layers or any(count < 1 for _, count in self.moe_layers):
+            raise ValueError(f"MoEModel.moe_layers needs at least one layer, got {self.moe_layers!r}")
+        if not self.dense_flops >= 0:
+            raise ValueError(f"MoEModel.dense_flops must be >= 0, got {self.dense_flops!r}")
+
+
+def sparse_blocks(num_layers: int, every: int) -> int:
+    """MoE blocks of a stack: block i is sparse when ``every == 1`` or ``i % every == 1``.
+
+    The rule of transformers' SwitchTransformers (``i % sparse_step == 1``) and of ``smile.hf.moefy``.
+    """
+    return sum(1 for i in range(num_layers) if every == 1 or i % every == 1)
+
+
+def encoder_decoder_moe(
+    name: str,
+    *,
+    d_model: int,
+    d_ff: int,
+    d_kv: int,
+    num_heads: int,
+    num_layers: int,
+    num_decoder_layers: int,
+    vocab_size: int,
+    every: int,
+    experts_per_gpu: int,
+    batch_per_gpu: int,
+    inputs_length: int,
+    targets_length: int,
+    capacity_factor: float,
+    bytes_per_element: int = 2,
+) -> MoEModel:
+    """A T5-style encoder-decoder with an MoE in every ``every``-th FFN, per GPU and step.
+
+    Dense forward FLOPs (2 per multiply-add): attention projections and scores of every block
+    (the decoder's self- and cross-attention, K/V of the cross-attention over encoder tokens),
+    the FFNs that stay dense, and the output logits. Layer norms, softmax and embeddings are left out.
+    """
+    inner = num_heads * d_kv
+    enc, dec = batch_per_gpu * inputs_length, batch_per_gpu * targets_length
+    enc_moe, dec_moe = sparse_blocks(num_layers, every), sparse_blocks(num_decoder_layers, every)
+    macs = enc * num_layers * (4 * d_model * inner + 2 * inputs_length * inner)
+    macs += dec * num_decoder_layers * (4 * d_model * inner + 2 * targets_length * inner)  # self
+    macs += num_decoder_layers * (dec * (2 * d_model * inner + 2 * inputs_length * inner)  # cross
+                                  + enc * 2 * d_model * inner)  # fmt: skip
+    macs += (enc * (num_layers - enc_moe) + dec * (num_decoder_layers - dec_moe)) * 2 * d_model * d_ff
+    macs += dec * d_model * vocab_size
+    layers = []
+    for tokens, count in ((enc, enc_moe), (dec, dec_moe)):
+        if count:
+            workload = MoEWorkload(
+                tokens, d_model, d_ff, experts_per_gpu, 1, capacity_factor, bytes_per_element
+            )
+            layers.append((workload, count))
+    return MoEModel(name, tuple(layers), 2.0 * macs)
+
+
+def model_step(spec: ClusterSpec, model: MoEModel, kind: str) -> dict[str, float]:
+    """Seconds per training step on every GPU: ``moe`` (``layer_step`` of every MoE layer), its
+    ``all2all`` part, ``dense`` (3x the forward FLOPs at ``spec.flops``) and ``total``."""
+    steps = [(layer_step(spec, w, kind), count) for w, count in model.moe_layers]
+    moe = sum(count * terms["total"] for terms, count in steps)
+    all2all = sum(count * terms["all2all"] for terms, count in steps)
+    dense = 3 * model.dense_flops / spec.flops
+    return {"moe": moe, "all2all": all2all, "dense": dense, "total": moe + dense}
+
+
+def compare_model(spec: ClusterSpec, model: MoEModel) -> dict[str, float]:
+    """SMILE vs Switch on ``model``: step times (ms), the speedup of the MoE layers alone and of the
+    whole step, and ``step_bound``: Switch's step over Switch's step without any All2All, the most
+    any dispatch scheme could gain end to end under this model."""
+    switch, smile = model_step(spec, model, "switch"), model_step(spec, model, "smile")
+    return {
+        "switch_moe_ms": 1e3 * switch["moe"],
+        "smile_moe_ms": 1e3 * smile["moe"],
+        "switch_all2all_ms": 1e3 * switch["all2all"],
+        "smile_all2all_ms": 1e3 * smile["all2all"],
+        "dense_ms": 1e3 * switch["dense"],
+        "switch_step_ms": 1e3 * switch["total"],
+        "smile_step_ms": 1e3 * smile["total"],
+        "moe_speedup": switch["moe"] / smile["moe"],
+        "step_speedup": switch["total"] / smile["total"],
+        "step_bound": switch["total"] / (switch["total"] - switch["all2all"]),
+    }
+
+
+SENSITIVITY_PARAMS = ("inter_bandwidth", "inter_latency", "intra_bandwidth", "intra_latency",
+                      "collective_overhead", "copy_bandwidth", "flops")  # fmt: skip
+
+
+def sensitivity(spec: ClusterSpec, model: MoEModel, factor: float = 2.0) -> dict[str, tuple[float, float]]:
+    """End-to-end SMILE/Switch speedup with each preset parameter divided and multiplied by ``factor``.
+
+    Why: the presets mix measured and assumed figures; this says which of them the verdict hangs on.
+    """
+    if not factor > 1:
+        raise ValueError(f"sensitivity factor must be > 1, got {factor!r}")
+    return {
+        name: tuple(
+            compare_model(replace(spec, **{name: getattr(spec, name) * f}), model)["step_speedup"]
+            for f in (1 / factor, factor)
+        )
+        for name in SENSITIVITY_PARAMS
+    }
+
+
+# What the projection of a model (``compare_model``) assumes and leaves out; RESULTS.md lists it.
+PROJECTION_ASSUMPTIONS: tuple[str, ...] = (
+    "Nothing overlaps but the two tiers of one collective (the slower one counts): no All2All with "
+    "expert compute (SMILE's pipelined layer does that), no layer with the next.",
+    "Routing is perfectly balanced and both layers send capacity-padded buffers of "
+    "ceil(cf * T / E) rows per expert; smile's layer sends only kept rows, a real router is imbalanced "
+    "(the busiest expert sets the step).",
+    "Bandwidths are one per-node figure at every message size: no congestion, incast, adaptive "
+    "routing or NCCL protocol switch (LL / LL128 / Simple); latencies are per message and add up.",
+    "The dense part (attention, dense FFNs, logits) runs at the experts' FLOP/s; layer norms, "
+    "softmax, embeddings, the loss, the optimizer step and data loading are left out.",
+    "No data-parallel traffic: the gradient reduce-scatter / all-gather of the replicated dense "
+    "weights (ZeRO-1) costs both variants the same and would dilute the speedup further.",
+    "Same convergence per step (the paper's claim): only step time is compared, not time to a loss.",
+)
 
 
 # ---- fitting to measurements --------------------------------------------------------------------

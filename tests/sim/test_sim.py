@@ -434,20 +434,41 @@ def test_gpu_layer_times_each_expert_stage_alone():
 
 
 def test_gpu_layer_report_renders_every_column_and_the_limiter_lines():
-    timing = {f"{v}_{unit}": value for v, ms in (("torch_loop", 20.0), ("deepspeed_cf1.0", 16.0),
-              ("smile_bmm", 12.0), ("smile_triton", 11.0), ("smile", 10.0))
-              for unit, value in (("ms", ms), ("tflops", 100.0 / ms))}
+    timing = {
+        f"{v}_{unit}": value
+        for v, ms in (
+            ("torch_loop", 20.0),
+            ("deepspeed_cf1.0", 16.0),
+            ("smile_bmm", 12.0),
+            ("smile_triton", 11.0),
+            ("smile", 10.0),
+        )
+        for unit, value in (("ms", ms), ("tflops", 100.0 / ms))
+    }
     row = {"T": 16, "d_model": 8, "d_ff": 32, "E": 4, "k": 2, "gemm": "grouped_mm", **timing}
-    stages = {"forward": {"ms": 2.0, "tflops": 700.0}, "input_grads": {"ms": 2.5, "tflops": 560.0},
-              "weight_grads": {"ms": 4.0, "tflops": 350.0}}
+    stages = {
+        "forward": {"ms": 2.0, "tflops": 700.0},
+        "input_grads": {"ms": 2.5, "tflops": 560.0},
+        "weight_grads": {"ms": 4.0, "tflops": 350.0},
+    }
     profiled = row | {
         "dispatch_backend": "cuda",
-        "profile_smile": {"total_ms": 10.0, "ms": {"gemm": 8.0, "dispatch+combine": 1.0, "elementwise": 1.0,
-                                                    "other": 0.0}, "gemm_tflops": 412.0, "top": []},
+        "profile_smile": {
+            "total_ms": 10.0,
+            "ms": {"gemm": 8.0, "dispatch+combine": 1.0, "elementwise": 1.0, "other": 0.0},
+            "gemm_tflops": 412.0,
+            "top": [],
+        },
         "expert_stages": {"smile (grouped_mm)": stages},
     }
-    rep = {"device": "GPU X", "date": "2026-01-01", "dtype": "torch.bfloat16", "torch": "2.x",
-           "ceiling_tflops": 790.0, "rows": [profiled]}
+    rep = {
+        "device": "GPU X",
+        "date": "2026-01-01",
+        "dtype": "torch.bfloat16",
+        "torch": "2.x",
+        "ceiling_tflops": 790.0,
+        "rows": [profiled],
+    }
     text = "\n".join(make_results.gpu_layer_section(rep))
     assert "| torch loop | DeepSpeed-MoE | smile (bmm) | smile (triton) | smile (grouped_mm, auto) |" in text
     cells = "20.00 ms, 5 | 16.00 ms, 6 | 12.00 ms, 8 | 11.00 ms, 9 | 10.00 ms, 10"

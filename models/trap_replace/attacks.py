@@ -123,21 +123,54 @@ def corner_grids(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Pattern triggers (from a file, or generated from the seed)
 # ---------------------------------------------------------------------------------------------
-def load_pattern(path: str | Path, channels: int, height: int, width: int) -> torch.Tensor:
-    """A trigger image (.png/.jpg/.npy, HWC or CHW, 0..255) as float (C, H, W), resized if needed."""
-    path = Path(path)
+TRIGGER_FORMATS = (".png", ".npy")
+_FORMATS_HELP = (
+    "allowed formats: .png (8-bit grayscale, RGB or RGBA, as the official triggers/*.png) or .npy "
+    "(H x W, H x W x C or C x H x W with C in 1, 3, 4, values 0..255, as the official mask.npy)"
+)
+
+
+def _bad_file(path: Path, why: str) -> ValueError:
+    return ValueError(f"trigger file {str(path)!r} {why}; {_FORMATS_HELP}")
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """The raw array of a .png/.npy trigger file; every failure is one ValueError naming the file."""
+    suffix = path.suffix.lower()
+    if suffix not in TRIGGER_FORMATS:
+        raise _bad_file(path, f"has the unsupported format {suffix or '(no extension)'!r}")
     if not path.is_file():
         raise FileNotFoundError(f"trigger file {str(path)!r} does not exist")
-    if path.suffix.lower() == ".npy":
-        array = np.load(path).astype(np.float32)
-    else:
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
         from PIL import Image
 
-        array = np.asarray(Image.open(path), dtype=np.float32)
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB") if image.mode == "P" else image)
+    except Exception as err:  # numpy and PIL raise many types on a corrupt file
+        raise _bad_file(path, f"is not a readable {suffix} file ({type(err).__name__}: {err})") from None
+
+
+def load_pattern(path: str | Path, channels: int, height: int, width: int) -> torch.Tensor:
+    """A trigger image (.png/.npy, HWC or CHW, 0..255) as float (C, H, W), resized if needed.
+
+    A wrong extension, an unreadable file, a non-numeric array, a shape that is not an image or
+    values outside 0..255 raise one ValueError that names the file and the allowed formats.
+    """
+    path = Path(path)
+    array = _read_array(path)
+    if array.dtype.kind not in "biuf":
+        raise _bad_file(path, f"holds a {array.dtype} array, not numbers")
     if array.ndim == 2:
         array = array[:, :, None]
-    if array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         array = np.transpose(array, (1, 2, 0))
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or min(array.shape[:2]) < 1:
+        raise _bad_file(path, f"has shape {array.shape}, not an image")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 255:
+        raise _bad_file(path, f"has values outside 0..255 (min {array.min()}, max {array.max()})")
     t = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
     if t.shape[0] == 4:  # RGBA
         t = t[:3]
@@ -153,12 +186,32 @@ def load_pattern(path: str | Path, channels: int, height: int, width: int) -> to
     return t.contiguous()
 
 
+def save_pattern(pattern: torch.Tensor, path: str | Path) -> Path:
+    """Write a (C, H, W) 0..255 pattern as an official-format file (.png or .npy, H x W x C uint8),
+    so a generated trigger can be shared and loaded back with ``trigger_file`` unchanged."""
+    path = Path(path)
+    if path.suffix.lower() not in TRIGGER_FORMATS:
+        raise _bad_file(path, f"has the unsupported format {path.suffix or '(no extension)'!r}")
+    if pattern.dim() != 3 or float(pattern.min()) < 0 or float(pattern.max()) > 255:
+        raise ValueError(f"a pattern is (C, H, W) in 0..255, got {tuple(pattern.shape)}")
+    array = pattern.round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".npy":
+        np.save(path, array)
+    else:
+        from PIL import Image
+
+        Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array).save(path)
+    return path
+
+
 def _generator(seed: int, salt: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + sum(map(ord, salt)))
 
 
 def generated_pattern(name: str, channels: int, height: int, width: int, seed: int) -> torch.Tensor:
-    """A seeded pattern of the attack's kind, float (C, H, W) on the 0..255 scale.
+    """A seeded pattern of the attack's kind, float (C, H, W) of whole numbers on the 0..255 scale
+    (whole, like the official 8-bit trigger files, so it round-trips through :func:`save_pattern`).
 
     trojan_3x3 / trojan_8x8: a random-valued k x k patch (k scaled by side/32) in the bottom-right
     corner, zero elsewhere. trojan_wm: a sparse random watermark over the whole image (10% of the
@@ -167,6 +220,11 @@ def generated_pattern(name: str, channels: int, height: int, width: int, seed: i
     grid upsampled bicubically) of amplitude 0..64. sig: the sinusoid of Barni et al. (f = 6,
     horizontal), 0..255.
     """
+    return _raw_pattern(name, channels, height, width, seed).round()
+
+
+def _raw_pattern(name: str, channels: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """The unrounded pattern of :func:`generated_pattern`."""
     gen = _generator(seed, name)
     shape = (channels, height, width)
     if name in ("trojan_3x3", "trojan_8x8"):

@@ -85,6 +85,35 @@ def _image_shape(images: ImageSet) -> tuple[int, int, int]:
     return tuple(images.load([0]).shape[1:])
 
 
+def _read_hard_images(path: Path) -> torch.Tensor:
+    """The clean-label attack's perturbed training set from its .npy file (N, H, W, C), 0..255;
+    any unreadable or misshapen file is one ValueError naming the file and the allowed format."""
+    allowed = "allowed format: .npy holding an (N, H, W, C) array of 0..255 values (e.g. inf_16.npy)"
+    if path.suffix.lower() != ".npy":
+        raise ValueError(f"poison.cl_hard_images={str(path)!r} is not a .npy file; {allowed}")
+    if not path.is_file():
+        raise FileNotFoundError(f"poison.cl_hard_images={str(path)!r} does not exist")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as err:  # numpy raises several types on a corrupt file
+        raise ValueError(
+            f"poison.cl_hard_images={str(path)!r} is not a readable .npy file ({type(err).__name__}: {err}); "
+            f"{allowed}"
+        ) from None
+    if (
+        array.dtype.kind not in "biuf"
+        or array.ndim != 4
+        or array.size == 0
+        or array.min() < 0
+        or array.max() > 255
+    ):
+        raise ValueError(
+            f"poison.cl_hard_images={str(path)!r} holds a {array.dtype} array of shape {array.shape} "
+            f"(or values outside 0..255); {allowed}"
+        )
+    return torch.from_numpy(array.astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+
+
 def _hard_images(cfg: PoisonCfg, given: torch.Tensor | None, base: ImageSet) -> torch.Tensor:
     if given is None:
         if not cfg.cl_hard_images:
@@ -93,10 +122,7 @@ def _hard_images(cfg: PoisonCfg, given: torch.Tensor | None, base: ImageSet) -> 
                 "to a .npy (N, H, W, C) uint8 array in dataset order (Turner et al.'s release, "
                 "e.g. inf_16.npy)"
             )
-        path = Path(cfg.cl_hard_images)
-        if not path.is_file():
-            raise FileNotFoundError(f"poison.cl_hard_images={str(path)!r} does not exist")
-        given = torch.from_numpy(np.load(path).astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+        given = _read_hard_images(Path(cfg.cl_hard_images))
     expected = (len(base), *_image_shape(base))
     if tuple(given.shape) != expected:
         raise ValueError(

@@ -29,6 +29,7 @@ from smile.models.trap_replace import (
     replace_head,
     total_variation,
 )
+from smile.models.trap_replace.attacks import generated_pattern, l0_mask, load_pattern, save_pattern
 from smile.models.trap_replace.datasets import ImageDataset, cifar10_pickle, gtsrb, hf_images, image_folder
 from smile.models.trap_replace.loaders import Batches
 from smile.models.trap_replace.losses import cutmix
@@ -194,6 +195,75 @@ def test_trigger_and_mask_files(tmp_path):
         make_trigger("l0_inv", 3, 32, 32, trigger_file=str(tmp_path / "trigger.png"))
     with pytest.raises(FileNotFoundError):
         make_trigger("blend", 3, 32, 32, trigger_file=str(tmp_path / "missing.png"))
+
+
+# Attacks whose pattern is generated from the seed or read from an official trigger file.
+PATTERN_ATTACKS = tuple(a for a in ATTACKS if a not in ("badnet_sq", "badnet_grid", "cl"))
+
+
+@pytest.mark.parametrize("attack", PATTERN_ATTACKS)
+def test_generated_patterns_are_seeded_whole_and_round_trip_through_trigger_files(attack, tmp_path):
+    images = torch.randint(
+        0, 256, (3, 3, 32, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8
+    )
+    pattern = generated_pattern(attack, 3, 32, 32, seed=5)
+    assert torch.equal(pattern, generated_pattern(attack, 3, 32, 32, seed=5))
+    assert torch.equal(pattern, pattern.round()) and 0 <= float(pattern.min()) <= float(pattern.max()) <= 255
+    if attack != "sig":  # the sinusoid is fixed by the paper; every other pattern follows the seed
+        assert not torch.equal(pattern, generated_pattern(attack, 3, 32, 32, seed=6))
+    seeded = make_trigger(attack, 3, 32, 32, seed=5)(images)
+    for suffix in (".png", ".npy"):
+        trigger_file = save_pattern(pattern, tmp_path / f"{attack}{suffix}")
+        assert torch.equal(load_pattern(trigger_file, 3, 32, 32), pattern)
+        mask_file = None
+        if attack == "l0_inv":
+            mask_file = str(save_pattern(l0_mask(32, 32, seed=5) * 255, tmp_path / f"mask{suffix}"))
+        loaded = make_trigger(attack, 3, 32, 32, trigger_file=str(trigger_file), mask_file=mask_file)
+        assert torch.equal(loaded(images), seeded), suffix
+    # A one-channel pattern round-trips as a grayscale .png and serves gray images.
+    gray = generated_pattern(attack, 1, 16, 16, seed=5)
+    assert torch.equal(load_pattern(save_pattern(gray, tmp_path / "gray.png"), 1, 16, 16), gray)
+
+
+@pytest.mark.parametrize(
+    "name, content, why",
+    [
+        ("trigger.jpg", b"", "unsupported format '.jpg'"),
+        ("trigger", b"", "unsupported format '\\(no extension\\)'"),
+        ("trigger.png", b"not an image at all", "not a readable .png file"),
+        ("trigger.npy", b"\x93NUMPY garbage", "not a readable .npy file"),
+        ("trigger.npy", np.array(["a", "b"]), "not numbers"),
+        ("trigger.npy", np.zeros(32, dtype=np.uint8), "not an image"),
+        ("trigger.npy", np.zeros((2, 32, 32, 3), dtype=np.uint8), "not an image"),
+        ("trigger.npy", np.full((32, 32, 3), 300.0), "outside 0..255"),
+        ("trigger.npy", np.full((32, 32), -1, dtype=np.int16), "outside 0..255"),
+    ],
+)
+def test_bad_trigger_files_raise_one_clear_error(name, content, why, tmp_path):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        np.save(path, content)
+    with pytest.raises(ValueError, match=why) as err:
+        make_trigger("blend", 3, 32, 32, trigger_file=str(path))
+    message = str(err.value)
+    assert str(path) in message and "allowed formats: .png" in message and ".npy" in message
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        make_trigger("blend", 3, 32, 32, trigger_file=str(tmp_path / "missing.npy"))
+
+
+def test_bad_clean_label_image_files_name_the_file(tmp_path):
+    dataset = _synthetic(40)
+    bad = tmp_path / "inf_16.npy"
+    bad.write_bytes(b"corrupt")
+    for path, why in ((bad, "not a readable .npy"), (tmp_path / "inf_16.png", "not a .npy file")):
+        with pytest.raises(ValueError, match=why) as err:
+            make_poisoned_split(dataset, PoisonCfg(attack="cl", cl_hard_images=str(path)))
+        assert str(path) in str(err.value) and "allowed format: .npy" in str(err.value)
+    np.save(bad, np.zeros((40, 32, 32), dtype=np.uint8))
+    with pytest.raises(ValueError, match="shape \\(40, 32, 32\\)"):
+        make_poisoned_split(dataset, PoisonCfg(attack="cl", cl_hard_images=str(bad)))
 
 
 def test_poisoned_split_counts_holdout_and_asr_set():
@@ -444,25 +514,25 @@ def digits_defense_job(topo, tmp: str, config: str) -> dict:
 
     root = Path(tmp)
     out: dict = {}
-    run("train", "--stage", "1", f"run_dir={root}/nodef", "rec_weight=0", "tv_weight=0")
-    out["nodefense"] = json.loads((root / "nodef/stage1/eval.json").read_text())
-    trap = [f"run_dir={root}/trap", "checkpoint_every_epochs=8"]
-    run("train", "--stage", "1", *trap)
-    run("train", "--stage", "2", *trap)
-    out["stage1"] = json.loads((root / "trap/stage1/eval.json").read_text())
-    out["stage2"] = json.loads((root / "trap/stage2/eval.json").read_text())
-    out["stage1_setup"] = json.loads((root / "trap/stage1/trap_replace.json").read_text())
-    out["stage2_selected"] = json.loads((root / "trap/stage2/selected.json").read_text())
+    # The three-way ablation for seed 0: no defense, head replacement alone, trap and replace.
+    run("ablate", "--seeds", "0", f"run_dir={root}/ablation", "checkpoint_every_epochs=8")
+    out["ablation"] = json.loads((root / "ablation/ablation.json").read_text())
+    trap_dir = root / "ablation/seed0/trap"
+    trap = [f"run_dir={trap_dir}", "checkpoint_every_epochs=8"]
+    out["stage1"] = json.loads((trap_dir / "stage1/eval.json").read_text())
+    out["stage2"] = json.loads((trap_dir / "stage2/eval.json").read_text())
+    out["stage1_setup"] = json.loads((trap_dir / "stage1/trap_replace.json").read_text())
+    out["stage2_selected"] = json.loads((trap_dir / "stage2/selected.json").read_text())
     cfg = load_config(TrapReplaceConfig, config, trap)
     out["stage2_eval"] = stages.evaluate_stage(cfg, 2)
 
-    s1, s2 = _model_tensors(_selected(root / "trap/stage1")), _model_tensors(_selected(root / "trap/stage2"))
+    s1, s2 = _model_tensors(_selected(trap_dir / "stage1")), _model_tensors(_selected(trap_dir / "stage2"))
     stem = [k for k in s1 if k.startswith("stem.")]
     out["stem_keys"] = len(stem)
     out["stem_identical"] = all(torch.equal(s1[k], s2[k]) for k in stem)
     out["stem_bn_stats"] = sum(k.endswith(("running_mean", "running_var")) for k in stem)
     out["head_changed"] = any(not torch.equal(s1[k], s2[k]) for k in s2 if k.startswith("head.") and k in s1)
-    out["parts"] = sorted(p.name for p in (root / "trap/stage1/parts").iterdir())
+    out["parts"] = sorted(p.name for p in (trap_dir / "stage1/parts").iterdir())
 
     # Checkpoint selection on a validation split of the holdout, stem from another run directory.
     run(
@@ -470,7 +540,7 @@ def digits_defense_job(topo, tmp: str, config: str) -> dict:
         "--stage",
         "2",
         f"run_dir={root}/val",
-        f"init_from={root}/trap/stage1",
+        f"init_from={trap_dir}/stage1",
         "selection=holdout_val",
     )
     out["val_selected"] = json.loads((root / "val/stage2/selected.json").read_text())
@@ -482,10 +552,10 @@ def digits_defense_job(topo, tmp: str, config: str) -> dict:
     # Resume: a copy of each stage without its last checkpoint finishes bit-identically.
     again = load_config(TrapReplaceConfig, config, [f"run_dir={root}/again", "checkpoint_every_epochs=8"])
     for stage, train in ((1, stages.train_stage1), (2, stages.train_stage2)):
-        shutil.copytree(root / f"trap/stage{stage}", root / f"again/stage{stage}")
+        shutil.copytree(trap_dir / f"stage{stage}", root / f"again/stage{stage}")
         _drop_last_checkpoint(root / f"again/stage{stage}")
         result = train(again)
-        a, b = _selected(root / f"trap/stage{stage}"), result.checkpoint
+        a, b = _selected(trap_dir / f"stage{stage}"), result.checkpoint
         ta, tb = _model_tensors(a), _model_tensors(b)
         out[f"resume{stage}_identical"] = a.name == b.name and all(torch.equal(ta[k], tb[k]) for k in ta)
         out[f"resume{stage}_from"] = Path(result.resumed_from).name
@@ -513,15 +583,23 @@ def digits_defense(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_defense_lowers_asr_and_keeps_clean_accuracy_on_digits(digits_defense):
+def test_trap_removes_the_backdoor_that_head_replacement_alone_keeps(digits_defense):
+    """The learning test: same split, seeds and steps; only the stage-1 decoder differs between
+    head replacement alone and trap and replace. Margins from seeds 0-4 in the README (replace
+    only: ASR 0.80-0.92; trap and replace: ASR 0.07-0.13, CA 3.7-6.1 points below no defense)."""
     out = digits_defense
-    nodefense, stage1, stage2 = out["nodefense"], out["stage1"], out["stage2"]
-    print(f"no defense {nodefense}\nstage 1 {stage1}\nstage 2 {stage2}")
+    arms = out["ablation"]["per_seed"]["0"]
+    nodefense, replace_only = arms["no_defense"], arms["replace_only"]
+    stage1, stage2 = out["stage1"], out["stage2"]
+    print(f"no defense {nodefense}\nreplace only {replace_only}\nstage 1 {stage1}\nstage 2 {stage2}")
+    assert arms["trap_stage1"]["asr"] == stage1["asr"] and arms["trap_and_replace"]["asr"] == stage2["asr"]
     assert out["stage1_setup"]["poisoned"] == round(0.1 * out["stage1_setup"]["train_size"])
     assert nodefense["asr"] >= 0.8, "the BadNets patch must actually backdoor an undefended model"
-    assert stage1["ca"] >= 0.8
-    assert stage2["ca"] >= 0.7
-    assert stage2["asr"] <= nodefense["asr"] - 0.5 and stage2["asr"] < stage1["asr"]
+    assert replace_only["ca"] >= 0.8
+    assert replace_only["asr"] >= 0.6, "the setting must keep the backdoor in the undefended stem"
+    assert stage1["ca"] >= 0.8 and stage1["asr"] >= 0.8  # the trapped head holds the backdoor
+    assert stage2["asr"] <= 0.3 and stage2["asr"] <= replace_only["asr"] - 0.4
+    assert stage2["ca"] >= nodefense["ca"] - 0.1, "clean accuracy kept within 10 points"
     assert out["stage2_eval"]["ca"] == stage2["ca"] and out["stage2_eval"]["asr"] == stage2["asr"]
     assert out["stage2_selected"]["selection"] == "last"
     assert out["stage2_selected"]["stage1_checkpoint"] == out["stage1"]["checkpoint"]

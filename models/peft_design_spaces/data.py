@@ -25,8 +25,9 @@ HUB_REPOS = {"glue": "nyu-mll/glue", "super_glue": "aps/super_glue"}
 class DataConfig:
     """Which task and how it is tokenised.
 
-    benchmark / task: e.g. glue / sst2, super_glue / boolq, or keywords / keywords (offline,
-        synthetic: a sentence of filler words holding one class keyword).
+    benchmark / task: e.g. glue / sst2, super_glue / boolq, or keywords / keywords and
+        keywords / topics (offline, synthetic: a sentence of filler words holding one class
+        keyword; the two tasks differ in their keywords).
     data_dir: local copy of the benchmark's hub repository (parquet files); None loads by hub id.
     cache_dir: HF datasets cache directory.
     max_length / max_target_length: token limits of the input and of T5's target.
@@ -57,18 +58,23 @@ class DataConfig:
 
 
 # ---- raw examples ---------------------------------------------------------------------------------
-KEYWORDS = {0: ("dull", "awful", "bleak", "poor"), 1: ("bright", "superb", "lovely", "great")}
+# The offline benchmark's two tasks: the same sentence shape, different class keywords, so the search
+# can average over more than one task without any download.
+KEYWORDS = {
+    "keywords": {0: ("dull", "awful", "bleak", "poor"), 1: ("bright", "superb", "lovely", "great")},
+    "topics": {0: ("cat", "horse", "owl", "fox"), 1: ("car", "train", "boat", "plane")},
+}
 FILLER = tuple(f"w{i}" for i in range(48))
 
 
-def keyword_examples(count: int, seed: int) -> list[dict[str, Any]]:
+def keyword_examples(count: int, seed: int, task: str = "keywords") -> list[dict[str, Any]]:
     """A balanced two-class task: 5-11 filler words with one class keyword at a random place."""
     rng = random.Random(seed)
     out = []
     for i in range(count):
         label = i % 2
         words = [rng.choice(FILLER) for _ in range(rng.randint(5, 11))]
-        words.insert(rng.randint(0, len(words)), rng.choice(KEYWORDS[label]))
+        words.insert(rng.randint(0, len(words)), rng.choice(KEYWORDS[task][label]))
         out.append({"sentence": " ".join(words), "label": label})
     rng.shuffle(out)
     return out
@@ -79,12 +85,44 @@ def load_examples(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
     spec = cfg.spec
     limit = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
     if spec.benchmark == "keywords":
-        rows = keyword_examples(
-            cfg.keywords_train if split == "train" else cfg.keywords_eval, 0 if split == "train" else 1
-        )
+        count = cfg.keywords_train if split == "train" else cfg.keywords_eval
+        rows = keyword_examples(count, 0 if split == "train" else 1, spec.name)
     else:
         rows = _load_hf(cfg, "train" if split == "train" else spec.eval_split)
     return rows[:limit] if limit is not None else rows
+
+
+def holdout_split(
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    spec: TaskSpec,
+    fraction: float,
+    seed: int,
+    max_samples: int | None = None,
+) -> tuple[list[int], list[int]]:
+    """Indices of ``train_rows`` as (search-train, held-out) for the design-space search.
+
+    The held-out part is carved from the training split with a seeded permutation (``fraction`` of
+    it, at most ``max_samples``), so the search never scores on the eval split the final report
+    uses. A training row whose inputs also occur in the eval split is never held out (GLUE's
+    splits share some sentences), which keeps the held-out set disjoint from the eval split by
+    content, not only by index.
+    """
+    seen_in_eval = {tuple(str(r[f]) for f in spec.fields) for r in eval_rows}
+    order = list(range(len(train_rows)))
+    random.Random(seed).shuffle(order)
+    size = max(1, int(len(train_rows) * fraction))
+    size = min(size, max_samples) if max_samples is not None else size
+    held: list[int] = []
+    for i in order:
+        if len(held) == size:
+            break
+        if tuple(str(train_rows[i][f]) for f in spec.fields) not in seen_in_eval:
+            held.append(i)
+    if not held:
+        raise ValueError(f"{spec.benchmark}/{spec.name}: every training row also occurs in the eval split")
+    chosen = set(held)
+    return [i for i in range(len(train_rows)) if i not in chosen], sorted(held)
 
 
 def _load_hf(cfg: DataConfig, split: str) -> list[dict[str, Any]]:

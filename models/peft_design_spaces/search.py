@@ -1,17 +1,25 @@
-"""The design-space search: greedy progressive refinement (Chen et al., 2023, Section 3).
+"""The design-space search: greedy progressive refinement (Chen et al., 2023; paper, abstract).
 
 Stages run in order: layer grouping, parameter allocation, tunable groups, strategy assignment
-(one group after another). At a stage every choice is scored by the mean validation metric of
-``n_samples`` designs sampled from the current space with that choice fixed and the still-free
-components drawn at random, each trained for ``short_train_steps``. The best choice is fixed
-before the next stage, so the space shrinks stage by stage. The choice lists are configurable;
-their defaults are this implementation's reading of the paper, not copied from it.
+(one group after another). At a stage every choice is scored by the mean over ``n_samples``
+designs sampled from the current space with that choice fixed and the still-free components drawn
+at random, each trained for ``short_train_steps``. A design's score is its held-out metric
+averaged over the search's tasks: the paper picks each design choice by its average performance
+over a set of tasks (GLUE), not by one task. The best choice is fixed before the next stage, so
+the space shrinks stage by stage. The choice lists are configurable; their defaults are this
+implementation's reading of the paper, not copied from it.
+
+Ties: choices whose scores lie within ``tie_tolerance`` of the best are tied. A tie goes to the
+choice whose sampled designs have fewer trainable parameters on average (the cheaper design when
+quality cannot tell them apart), then to the choice listed first in the stage's configured choice
+list. Every tie is logged as a warning and recorded in the stage's history entry.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +33,8 @@ from smile.models.peft_design_spaces.config import (
     DesignSpaceConfig,
     group_sizes_for,
 )
+
+log = logging.getLogger(__name__)
 
 STAGES: tuple[str, ...] = ("grouping", "allocation", "tunable_groups", "strategies")
 
@@ -40,6 +50,13 @@ class SearchConfig:
 
     tunable_groups: candidate sets of tuned groups, 1-based (e.g. [1, 2] tunes G1 and G2).
     strategy_sets: candidate strategy sets per group; empty means all 15 non-empty subsets.
+    tasks: tasks of ``data.benchmark`` whose held-out metrics a design's score averages (each
+        task's own metric, as the GLUE average does); empty means ``data.task`` alone.
+    holdout_fraction / max_holdout_samples: the held-out split each task's candidates are scored
+        on, carved from its training split with ``seed`` (candidates train on the rest); the eval
+        split stays untouched for the final report.
+    tie_tolerance: scores within this of the best count as tied (0: exactly equal); see the
+        module docstring for the tie rule.
     """
 
     n_samples: int = 4
@@ -54,11 +71,23 @@ class SearchConfig:
     strategy_sets: list[list[str]] = field(default_factory=list)
     seed: int = 0
     max_tries: int = 20
+    tasks: list[str] = field(default_factory=list)
+    holdout_fraction: float = 0.1
+    max_holdout_samples: int | None = None
+    tie_tolerance: float = 0.0
 
     def validate(self, where: str = "search") -> None:
         for name in ("n_samples", "short_train_steps", "num_groups", "max_tries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"{where}.holdout_fraction={self.holdout_fraction} must be in (0, 1)")
+        if self.max_holdout_samples is not None and self.max_holdout_samples < 1:
+            raise ValueError(f"{where}.max_holdout_samples={self.max_holdout_samples} must be >= 1")
+        if self.tie_tolerance < 0:
+            raise ValueError(f"{where}.tie_tolerance={self.tie_tolerance} must be >= 0")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"{where}.tasks={self.tasks} lists a task twice")
         for stage in self.stages:
             if stage not in STAGES:
                 raise ValueError(f"{where}.stages has {stage!r}; allowed: {', '.join(STAGES)}")
@@ -134,7 +163,20 @@ class SearchResult:
     history: list[dict[str, Any]]
 
 
-Evaluate = Callable[[DesignSpaceConfig, int], float]
+@dataclass
+class Trial:
+    """One sampled design trained briefly: its held-out metric per search task and its size."""
+
+    scores: dict[str, float]
+    trainable_params: float
+
+    @property
+    def score(self) -> float:
+        """The selection criterion: the average over the search's tasks."""
+        return sum(self.scores.values()) / len(self.scores)
+
+
+Evaluate = Callable[[DesignSpaceConfig, int], Trial]
 
 
 class DesignSpaceSearch:
@@ -159,42 +201,82 @@ class DesignSpaceSearch:
             return [(a, lambda s, a=a: replace(s, allocation=a)) for a in cfg.allocations]
         return [(str(t), lambda s, t=tuple(t): replace(s, tuned=t)) for t in cfg.tunable_groups]
 
-    def _score(self, space: DesignSpace, evaluate: Evaluate, rng: random.Random) -> tuple[float, list]:
-        scores, designs = [], []
+    def _score(self, space: DesignSpace, evaluate: Evaluate, rng: random.Random) -> dict[str, Any]:
+        """Mean score, per-task mean scores and mean trainable parameters of ``n_samples`` designs."""
+        trials, designs = [], []
         for _ in range(self.config.n_samples):
             for _ in range(self.config.max_tries):
                 design = space.sample(rng, self.config)
                 try:
-                    scores.append(float(evaluate(design, self.config.short_train_steps)))
+                    trials.append(evaluate(design, self.config.short_train_steps))
                 except BudgetError:  # the budget cannot size a sampled strategy set: draw again
                     continue
                 designs.append(dataclasses.asdict(design))
                 break
-        mean = sum(scores) / len(scores) if scores else float("-inf")
-        return mean, designs
+        if not trials:
+            return {
+                "score": float("-inf"),
+                "task_scores": {},
+                "trainable_params": float("inf"),
+                "designs": [],
+            }
+        tasks = list(trials[0].scores)
+        return {
+            "score": sum(t.score for t in trials) / len(trials),
+            "task_scores": {k: sum(t.scores[k] for t in trials) / len(trials) for k in tasks},
+            "trainable_params": sum(t.trainable_params for t in trials) / len(trials),
+            "designs": designs,
+        }
 
-    def _stage(self, name: str, options, evaluate: Evaluate, rng: random.Random) -> None:
-        results = {}
-        for label, fix in options:
-            score, designs = self._score(fix(self.space), evaluate, rng)
-            results[label] = {"score": score, "designs": designs}
-        best = max(results, key=lambda k: results[k]["score"])
-        if results[best]["score"] == float("-inf"):
+    def _pick(self, name: str, results: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any] | None]:
+        """The best choice, and a record of the tie when several share the best score."""
+        top = max(r["score"] for r in results.values())
+        if top == float("-inf"):
             raise ValueError(
                 f"search stage {name}: no sampled design fits the budget; raise param_budget_ratio"
             )
+        order = list(results)  # the configured choice order
+        tied = [k for k in order if results[k]["score"] >= top - self.config.tie_tolerance]
+        if len(tied) == 1:
+            return tied[0], None
+        best = min(tied, key=lambda k: (results[k]["trainable_params"], order.index(k)))
+        tie = {
+            "choices": tied,
+            "scores": {k: results[k]["score"] for k in tied},
+            "trainable_params": {k: results[k]["trainable_params"] for k in tied},
+            "rule": "fewer trainable parameters, then the configured choice order",
+            "chosen": best,
+        }
+        log.warning(
+            "search stage %s: %d choices tie at score %.6g (tolerance %g): %s; chose %r by %s",
+            name,
+            len(tied),
+            top,
+            self.config.tie_tolerance,
+            ", ".join(f"{k} ({results[k]['trainable_params']:.0f} trainable)" for k in tied),
+            best,
+            tie["rule"],
+        )
+        return best, tie
+
+    def _stage(self, name: str, options, evaluate: Evaluate, rng: random.Random) -> None:
+        results = {label: self._score(fix(self.space), evaluate, rng) for label, fix in options}
+        best, tie = self._pick(name, results)
         self.space = dict(options)[best](self.space)
         self.history.append(
             {
                 "stage": name,
                 "chosen": best,
+                "tie": tie,
                 "scores": {k: v["score"] for k, v in results.items()},
+                "task_scores": {k: v["task_scores"] for k, v in results.items()},
+                "trainable_params": {k: v["trainable_params"] for k, v in results.items()},
                 "samples": {k: v["designs"] for k, v in results.items()},
             }
         )
 
     def run(self, evaluate: Evaluate) -> SearchResult:
-        """Search with ``evaluate(design, steps) -> validation metric`` (higher is better)."""
+        """Search with ``evaluate(design, steps) -> Trial`` (held-out metrics, higher is better)."""
         rng = random.Random(self.config.seed)
         for stage in self.config.stages:
             if stage != "strategies":

@@ -1,4 +1,4 @@
-"""GLUE / SuperGLUE tasks (and an offline keyword task) as T5 text-to-text or RoBERTa classification.
+"""GLUE / SuperGLUE tasks (and two offline keyword tasks) as T5 text-to-text or RoBERTa classification.
 
 Each task names its input columns, its label words (the ClassLabel names of the HF datasets,
 which T5 generates as targets) and the metric the benchmark reports. T5 inputs follow the T5
@@ -85,6 +85,7 @@ TASKS: dict[tuple[str, str], TaskSpec] = {
         TaskSpec("super_glue", "wic", ("word", "sentence1", "sentence2"), _BOOL, "accuracy"),
         TaskSpec("super_glue", "wsc.fixed", ("text", "span1_text", "span2_text"), _BOOL, "accuracy"),
         TaskSpec("keywords", "keywords", ("sentence",), ("negative", "positive"), "accuracy"),
+        TaskSpec("keywords", "topics", ("sentence",), ("animal", "vehicle"), "accuracy"),
     )
 }
 

@@ -5,12 +5,16 @@ builds a fresh backbone (a local ``from_pretrained`` directory, or a random tiny
 offline runs), optionally swaps its FFNs for smile MoE layers (``smile.hf.moefy.moefy``), applies
 a design and trains only the PEFT parameters and the task head under DeepSpeed ZeRO. The
 frozen backbone runs in bf16 on GPUs while the optimizer keeps fp32 PEFT weights (the runtime's
-bf16 mode). What is saved besides the runtime's checkpoints is the PEFT artifact: PEFT + head
-weights, the design and its budget report (``<run_dir>/peft``).
+bf16 mode). The backbone is always frozen, so the runtime's checkpoints are trainable-only
+(``train.checkpoint.trainable_only``, required): they hold the PEFT weights and the head, and a
+resume checks the rebuilt backbone against the recorded hashes (``frozen_source`` names where it
+comes from). What is saved besides the checkpoints is the PEFT artifact: PEFT + head weights, the
+design and its budget report (``<run_dir>/peft``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -29,6 +33,7 @@ from smile.models.peft_design_spaces.data import (
     Batches,
     DataConfig,
     encode,
+    holdout_split,
     load_examples,
     majority_accuracy,
     word_tokenizer,
@@ -41,12 +46,18 @@ from smile.models.peft_design_spaces.peft_model import (
     load_peft,
     save_peft,
 )
-from smile.models.peft_design_spaces.search import DesignSpace, DesignSpaceSearch, SearchConfig, SearchResult
-from smile.models.peft_design_spaces.tasks import TaskSpec
+from smile.models.peft_design_spaces.search import (
+    DesignSpace,
+    DesignSpaceSearch,
+    SearchConfig,
+    SearchResult,
+    Trial,
+)
+from smile.models.peft_design_spaces.tasks import TaskSpec, task_spec
 from smile.moe import MoEConfig
 from smile.moe.experts import is_expert_parameter
 from smile.moe.topology import Topology
-from smile.runtime import TrainConfig, Trainer, config_to_dict, init_distributed
+from smile.runtime import CheckpointConfig, TrainConfig, Trainer, config_to_dict, init_distributed
 from smile.runtime.distributed import gather_json
 
 
@@ -68,6 +79,11 @@ class ModelConfig:
     moe: MoEConfig | None = None
 
 
+def _frozen_backbone_train() -> TrainConfig:
+    """The runtime defaults, with trainable-only checkpoints: the backbone never trains here."""
+    return TrainConfig(checkpoint=CheckpointConfig(trainable_only=True))
+
+
 @dataclass
 class JobConfig:
     """``smile zoo peft_design_spaces`` config: design, backbone, data, runtime, search."""
@@ -75,10 +91,18 @@ class JobConfig:
     design: DesignSpaceConfig = field(default_factory=DesignSpaceConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=_frozen_backbone_train)
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def validate(self, where: str = "job") -> None:
+        if not self.train.checkpoint.trainable_only:
+            raise ValueError(
+                f"{where}.train.checkpoint.trainable_only must be true: the backbone is frozen, so a "
+                "checkpoint holds only the PEFT weights and the head (the backbone is rebuilt from "
+                "design.backbone_path or model.random_config and checked against recorded hashes)"
+            )
+        for task in self.search.tasks:
+            task_spec(self.data.benchmark, task)
         has_path, has_random = self.design.backbone_path is not None, bool(self.model.random_config)
         if has_path == has_random:
             raise ValueError(
@@ -249,19 +273,43 @@ class Experiment:
     """One job's data and recipe, prepared once; trains and evaluates designs through the Trainer."""
 
     def __init__(self, job: JobConfig, topology: Topology | None = None) -> None:
-        self.job = job
+        checkpoint = job.train.checkpoint
+        if checkpoint.frozen_source is None:
+            checkpoint = dataclasses.replace(checkpoint, frozen_source=_frozen_source(job))
+        self.job = dataclasses.replace(job, train=dataclasses.replace(job.train, checkpoint=checkpoint))
         self.topology = topology if topology is not None else init_distributed(job.train.dist)
         self.spec = job.data.spec
         self.family = _family(job)
-        train_rows, eval_rows = load_examples(job.data, "train"), load_examples(job.data, "eval")
-        self.tokenizer = _tokenizer(job, self.family, _texts(train_rows + eval_rows, self.spec))
-        self.train_examples = encode(train_rows, self.spec, self.tokenizer, self.family, job.data)
-        self.eval_examples = encode(eval_rows, self.spec, self.tokenizer, self.family, job.data)
+        self.train_rows, self.eval_rows = load_examples(job.data, "train"), load_examples(job.data, "eval")
+        texts = _texts(self.train_rows + self.eval_rows, self.spec)
+        self.tokenizer = _tokenizer(job, self.family, texts)
+        self.train_examples = encode(self.train_rows, self.spec, self.tokenizer, self.family, job.data)
+        self.eval_examples = encode(self.eval_rows, self.spec, self.tokenizer, self.family, job.data)
         self.majority = (
             None
             if self.spec.regression
-            else majority_accuracy([r["label"] for r in train_rows], [r["label"] for r in eval_rows])
+            else majority_accuracy(
+                [r["label"] for r in self.train_rows], [r["label"] for r in self.eval_rows]
+            )
         )
+
+    def search_split(self) -> Experiment:
+        """This experiment for the search: candidates train on the training split minus a held-out
+        part and are scored on that part (``search.holdout_fraction``, seeded by ``search.seed``),
+        so the eval split the final report uses plays no part in choosing the design."""
+        search = self.job.search
+        keep, held = holdout_split(
+            self.train_rows,
+            self.eval_rows,
+            self.spec,
+            search.holdout_fraction,
+            search.seed,
+            search.max_holdout_samples,
+        )
+        out = copy.copy(self)
+        out.train_examples = [self.train_examples[i] for i in keep]
+        out.eval_examples = [self.train_examples[i] for i in held]
+        return out
 
     @property
     def rank(self) -> int:
@@ -337,24 +385,51 @@ class Experiment:
         return self.trainer(model, self.job.train).evaluate()
 
 
+def _frozen_source(job: JobConfig) -> str:
+    """Where the frozen backbone is rebuilt from, recorded in every checkpoint's manifest."""
+    if job.design.backbone_path is not None:
+        return job.design.backbone_path
+    moe = (
+        "" if job.model.moe is None else f", FFNs swapped by smile.hf.moefy({config_to_dict(job.model.moe)})"
+    )
+    return (
+        f"random {job.model.family} backbone {job.model.random_config} "
+        f"(seeded by train.seed={job.train.seed}{moe})"
+    )
+
+
+def search_experiments(exp: Experiment) -> list[Experiment]:
+    """One held-out search experiment per search task (``search.tasks``, default ``data.task``)."""
+    job, out = exp.job, []
+    for task in job.search.tasks or [job.data.task]:
+        task_exp = exp
+        if task != job.data.task:
+            task_exp = Experiment(
+                dataclasses.replace(job, data=dataclasses.replace(job.data, task=task)), exp.topology
+            )
+        out.append(task_exp.search_split())
+    return out
+
+
 def run_search(exp: Experiment) -> SearchResult:
-    """The design-space search on this job's task; every candidate trains through the Trainer."""
+    """The design-space search, every candidate trained through the Trainer on each search task's
+    training split minus its held-out part and scored on that held-out part; a candidate's score
+    is the average over the tasks."""
     job = exp.job
+    tasks = search_experiments(exp)
     space = DesignSpace(job.design, len(backbones.layers(exp.backbone())), job.search.num_groups)
     counter = itertools.count()
 
-    def evaluate(design: DesignSpaceConfig, steps: int) -> float:
-        train = dataclasses.replace(
-            job.train,
-            max_steps=steps,
-            run_dir=str(Path(job.train.run_dir) / "search" / f"{next(counter):03d}"),
-            eval_every=0,
-            checkpoint=dataclasses.replace(
-                job.train.checkpoint, dir=None, every=0, save_final=False, resume="never", export_dir=None
-            ),
-            log=dataclasses.replace(job.train.log, progress_bar=False, plot=False),
-        )
-        return exp.train(design, train, save=False)["eval"][exp.spec.metric]
+    def evaluate(design: DesignSpaceConfig, steps: int) -> Trial:
+        trial = next(counter)
+        scores, params = {}, []
+        for task in tasks:
+            summary = task.train(
+                design, _search_train(job, steps, f"{trial:03d}-{task.spec.name}"), save=False
+            )
+            scores[task.spec.name] = summary["eval"][task.spec.metric]
+            params.append(summary["budget"]["trainable_params"])
+        return Trial(scores, sum(params) / len(params))
 
     result = DesignSpaceSearch(space, job.search.n_samples, job.search.short_train_steps, job.search).run(
         evaluate
@@ -362,6 +437,31 @@ def run_search(exp: Experiment) -> SearchResult:
     if exp.rank == 0:
         out = Path(job.train.run_dir)
         out.mkdir(parents=True, exist_ok=True)
-        record = {"best": config_to_dict(result.best), "history": result.history}
+        record = {
+            "best": config_to_dict(result.best),
+            "tasks": {
+                t.spec.name: {
+                    "metric": t.spec.metric,
+                    "search_train": len(t.train_examples),
+                    "heldout": len(t.eval_examples),
+                }
+                for t in tasks
+            },
+            "history": result.history,
+        }
         (out / "search.json").write_text(json.dumps(record, indent=1))
     return result
+
+
+def _search_train(job: JobConfig, steps: int, name: str) -> TrainConfig:
+    """The short run of one search candidate: no checkpoints, no progress bar."""
+    return dataclasses.replace(
+        job.train,
+        max_steps=steps,
+        run_dir=str(Path(job.train.run_dir) / "search" / name),
+        eval_every=0,
+        checkpoint=dataclasses.replace(
+            job.train.checkpoint, dir=None, every=0, save_final=False, resume="never", export_dir=None
+        ),
+        log=dataclasses.replace(job.train.log, progress_bar=False, plot=False),
+    )

@@ -1,7 +1,8 @@
 """PEFT design spaces (S4) on stock transformers T5 / RoBERTa: the spec's invariants on tiny
 random models (identity at init, exact group mapping, budget, gradients, LoRA merge, bad
-inputs), the GLUE/SuperGLUE loader on local fixtures, LoRA on smile MoE experts, and, through
-smile.runtime on simulated clusters, learning (ZeRO-2, 2 ranks), the search, eval from the
+inputs), the GLUE/SuperGLUE loader on local fixtures, LoRA on smile MoE experts, the search's
+task averaging, tie rule and held-out split, and, through smile.runtime on simulated clusters,
+learning (ZeRO-2, 2 ranks), trainable-only checkpoints and resume, the search, eval from the
 saved artifact, and expert-LoRA training on 2 nodes x 2 GPUs."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from smile.models.peft_design_spaces import (
 )
 from smile.models.peft_design_spaces.attention import prefix_attention
 from smile.models.peft_design_spaces.components import Adapter, LoRA, Prefix, WithAdapter
-from smile.models.peft_design_spaces.search import DesignSpace, DesignSpaceSearch, SearchConfig
+from smile.models.peft_design_spaces.search import DesignSpace, DesignSpaceSearch, SearchConfig, Trial
 from smile.testing import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -327,15 +328,15 @@ def test_search_fixes_the_best_choice_stage_by_stage():
     spindle = group_sizes_for("spindle", 6)
     seen = []
 
-    def evaluate(candidate: DesignSpaceConfig, steps: int) -> float:
+    def evaluate(candidate: DesignSpaceConfig, steps: int) -> Trial:
         model = apply_design(tiny("roberta"), candidate)  # raises BudgetError for infeasible designs
-        seen.append((candidate, steps, budget_report(model)["ratio"]))
+        report = budget_report(model)
+        seen.append((candidate, steps, report["ratio"]))
         # Weights dominate the noise of the still-free components at every stage.
         score = 30.0 * (candidate.group_sizes == spindle) + 10.0 * (candidate.allocation == "uniform")
         score += 5.0 * candidate.tune_all_groups
-        return score + sum(
-            w * ("lora" in s) for w, s in zip((1.0, 0.3, 0.1, 0.03), candidate.strategies_per_group)
-        )
+        score += sum(w * ("lora" in s) for w, s in zip((1.0, 0.3, 0.1, 0.03), candidate.strategies_per_group))
+        return Trial({"task": score}, report["trainable_params"])
 
     space = DesignSpace(design(), num_layers=6)
     config = SearchConfig(
@@ -365,6 +366,76 @@ def test_search_fixes_the_best_choice_stage_by_stage():
     apply_design(tiny("roberta"), best)
     with pytest.raises(BudgetError):  # so the search can skip infeasible samples
         apply_design(tiny("roberta"), dataclasses.replace(best, param_budget_ratio=0.001))
+
+
+def test_search_averages_over_tasks_and_breaks_ties_by_size_then_order(caplog):
+    """Task A alone prefers spindle, the average over A and B prefers uniform; ties are logged and
+    go to fewer trainable parameters, then to the choice listed first."""
+    space = DesignSpace(design(), num_layers=6)
+    per_task = {"spindle": {"a": 0.9, "b": 0.1}, "uniform": {"a": 0.6, "b": 0.6}}
+    params = {"spindle": 10, "uniform": 10, "increasing": 7, "decreasing": 7}
+
+    def run(groupings: list[str], scores, tolerance: float = 0.0):
+        def evaluate(candidate: DesignSpaceConfig, steps: int) -> Trial:
+            name = next(g for g in groupings if group_sizes_for(g, 6) == candidate.group_sizes)
+            return Trial(scores(name), params[name])
+
+        config = SearchConfig(stages=["grouping"], groupings=groupings, tie_tolerance=tolerance)
+        return DesignSpaceSearch(space, n_samples=1, short_train_steps=1, config=config).run(evaluate)
+
+    averaged = run(["spindle", "uniform"], lambda g: per_task[g])
+    entry = averaged.history[0]
+    assert entry["chosen"] == "uniform" and entry["tie"] is None
+    assert entry["scores"] == {"spindle": pytest.approx(0.5), "uniform": pytest.approx(0.6)}
+    assert entry["task_scores"]["spindle"] == {"a": 0.9, "b": 0.1}
+    assert averaged.best.group_sizes == group_sizes_for("uniform", 6)
+
+    # Equal scores: the listed order alone would pick spindle; fewer trainable parameters wins.
+    with caplog.at_level("WARNING", logger="smile.models.peft_design_spaces.search"):
+        tied = run(["spindle", "uniform", "increasing"], lambda g: {"a": 0.5})
+    tie = tied.history[0]["tie"]
+    assert tied.history[0]["chosen"] == "increasing" and tie["chosen"] == "increasing"
+    assert tie["choices"] == ["spindle", "uniform", "increasing"]
+    assert "3 choices tie" in caplog.text and "chose 'increasing'" in caplog.text
+    # Equal scores and sizes: the configured order decides (here the later-listed one comes first).
+    assert run(["decreasing", "increasing"], lambda g: {"a": 0.5}).history[0]["chosen"] == "decreasing"
+    assert run(["increasing", "decreasing"], lambda g: {"a": 0.5}).history[0]["chosen"] == "increasing"
+    # A tolerance turns near-equal scores into a tie; without it the higher score wins.
+    near = {"spindle": {"a": 0.701}, "increasing": {"a": 0.7}}
+    assert run(["spindle", "increasing"], near.get).history[0]["chosen"] == "spindle"
+    assert run(["spindle", "increasing"], near.get, tolerance=0.01).history[0]["chosen"] == "increasing"
+    with pytest.raises(ValueError, match="tie_tolerance"):
+        SearchConfig(tie_tolerance=-1.0).validate()
+
+
+def test_search_heldout_split_is_carved_from_train_and_disjoint_from_eval():
+    from smile.models.peft_design_spaces.data import DataConfig, holdout_split, load_examples
+    from smile.models.peft_design_spaces.training import Experiment, JobConfig
+    from smile.moe.topology import Topology
+    from smile.runtime import load_config
+
+    job = load_config(JobConfig, CONFIGS / "tiny_roberta_keywords.yaml", ["search.holdout_fraction=0.25"])
+    exp = Experiment(job, Topology(nodes=1, gpus_per_node=1))
+    split = exp.search_split()
+    key = lambda ex: tuple(ex["input_ids"])  # noqa: E731  (word-level ids: equal ids = equal text)
+    held, rest = [key(e) for e in split.eval_examples], [key(e) for e in split.train_examples]
+    assert len(held) == 256 and len(held) + len(rest) == len(exp.train_examples)
+    assert sorted(held + rest) == sorted(key(e) for e in exp.train_examples)  # carved from train
+    assert not set(held) & {key(e) for e in exp.eval_examples}  # disjoint from the final eval split
+    assert exp.eval_examples is not split.eval_examples and len(exp.eval_examples) == 256
+    again = Experiment(job, Topology(nodes=1, gpus_per_node=1)).search_split()
+    assert [key(e) for e in again.eval_examples] == held  # seeded: the same split every time
+    other = dataclasses.replace(job, search=dataclasses.replace(job.search, seed=1))
+    assert [key(e) for e in Experiment(other, Topology(1, 1)).search_split().eval_examples] != held
+
+    # A training row that also occurs in the eval split is never held out (GLUE splits share some).
+    cfg = DataConfig(benchmark="glue", task="sst2", data_dir=str(FIXTURES / "glue"))
+    train, evaluation = load_examples(cfg, "train"), load_examples(cfg, "eval")
+    train = train + [dict(evaluation[0])]
+    keep, held_idx = holdout_split(train, evaluation, cfg.spec, fraction=0.9, seed=0)
+    assert len(train) - 1 in keep and not set(keep) & set(held_idx) and len(held_idx) == 11
+    sentences = {r["sentence"] for r in evaluation}
+    assert not any(train[i]["sentence"] in sentences for i in held_idx)
 
 
 # ---- data: GLUE / SuperGLUE loaders on local fixtures, tokenisation, batches, metrics ----------------------
@@ -453,6 +524,13 @@ def test_bundled_configs_load_and_job_validation():
     for path in sorted(CONFIGS.glob("*.yaml")):
         job = load_config(JobConfig, path)
         assert job.train.zero_stage == 2, path.name
+        assert job.train.checkpoint.trainable_only, path.name  # the backbone is always frozen
+    with pytest.raises(ValueError, match="trainable_only must be true"):
+        load_config(
+            JobConfig, CONFIGS / "tiny_roberta_keywords.yaml", ["train.checkpoint.trainable_only=false"]
+        )
+    with pytest.raises(ValueError, match="not a supported keywords task"):
+        load_config(JobConfig, CONFIGS / "tiny_roberta_keywords.yaml", ["search.tasks=[keywords,sst2]"])
     with pytest.raises(ValueError, match="exactly one of design.backbone_path"):
         load_config(JobConfig, CONFIGS / "tiny_roberta_keywords.yaml", ["design.backbone_path=/some/dir"])
     with pytest.raises(ValueError, match="allowed: adapter, prefix, bitfit, lora"):
@@ -499,21 +577,29 @@ def _train_eval_search(topology, tmp: str) -> dict:
     out["trained"] = len(trained)
     out["eval_cli"] = _cli(["eval", "--config", config, f"train.run_dir={run_dir}"])
 
+    # T5 on the GLUE fixture with trainable-only checkpoints at steps 3 and 6, then a second run
+    # resumed from step 3 (another run dir) that must end with the same PEFT weights.
     t5_config = str(CONFIGS / "tiny_t5_keywords.yaml")
-    _cli(
-        [
-            "train",
-            "--config",
-            t5_config,
-            f"train.run_dir={tmp}/t5",
-            "data.benchmark=glue",
-            "data.task=sst2",
-            f"data.data_dir={FIXTURES / 'glue'}",
-            f"data.cache_dir={tmp}/hf",
-            "train.max_steps=6",
-            "train.micro_batch_size=4",
-            "train.log.every=3",
-        ]
+    t5_args = [
+        "data.benchmark=glue",
+        "data.task=sst2",
+        f"data.data_dir={FIXTURES / 'glue'}",
+        f"data.cache_dir={tmp}/hf",
+        "train.max_steps=6",
+        "train.micro_batch_size=4",
+        "train.log.every=3",
+        "train.checkpoint.every=3",
+        "train.checkpoint.save_final=true",
+    ]
+    _cli(["train", "--config", t5_config, f"train.run_dir={tmp}/t5", *t5_args])
+    resume = f"train.checkpoint.resume={tmp}/t5/checkpoints/step_00000003"
+    _cli(["train", "--config", t5_config, f"train.run_dir={tmp}/t5_resumed", *t5_args, resume])
+    t5_job = load_config(JobConfig, t5_config, [f"train.run_dir={tmp}/t5", *t5_args])
+    t5_model = Experiment(t5_job, topology).build()
+    out["t5_trained"] = sorted(n for n, _ in t5_model.trained_named_parameters())
+    state = t5_model.state_dict(keep_vars=True)  # tied weights under every name, as checkpoints see them
+    out["t5_frozen"] = sorted(
+        n for n, t in state.items() if isinstance(t, nn.Parameter) and not t.requires_grad
     )
 
     _cli(
@@ -522,12 +608,13 @@ def _train_eval_search(topology, tmp: str) -> dict:
             "--config",
             config,
             f"train.run_dir={tmp}/search",
+            "search.tasks=[keywords,topics]",
+            "search.max_holdout_samples=64",
             "search.n_samples=1",
             "search.short_train_steps=4",
-            "search.stages=[grouping,strategies]",
+            "search.stages=[grouping,allocation]",
             "search.groupings=[spindle,uniform]",
-            "search.strategy_sets=[[lora],[adapter,bitfit]]",
-            "data.keywords_eval=64",
+            "search.allocations=[uniform,increasing]",
         ]
     )
     return out
@@ -535,6 +622,8 @@ def _train_eval_search(topology, tmp: str) -> dict:
 
 @pytest.mark.slow
 def test_s4_trains_with_zero2_on_two_ranks_beats_majority_evals_and_searches(tmp_path):
+    from safetensors.torch import load_file
+
     ranks = run_distributed(_train_eval_search, 1, 2, str(tmp_path), timeout=600)
     for out in ranks:
         assert out["frozen_identical"] and out["frozen"] > 50
@@ -552,13 +641,37 @@ def test_s4_trains_with_zero2_on_two_ranks_beats_majority_evals_and_searches(tmp
     # T5 text-to-text on the GLUE fixture through `smile zoo peft_design_spaces train`.
     t5 = json.loads((tmp_path / "t5" / "results.json").read_text())
     assert t5["task"] == "glue/sst2" and t5["steps"] == 6 and 0.0 <= t5["eval"]["accuracy"] <= 1.0
-    # The search trained every candidate briefly and returned a valid design.
+    # Its checkpoints hold exactly the trainable tensors; the frozen backbone is only recorded.
+    step = tmp_path / "t5" / "checkpoints" / "step_00000006"
+    manifest = json.loads((step / "manifest.json").read_text())
+    assert manifest["trainable_only"] and manifest["frozen_source"].startswith("random t5 backbone")
+    assert sorted(load_file(str(step / "model.safetensors"))) == ranks[0]["t5_trained"]
+    assert sorted(json.loads((step / "frozen.json").read_text())) == ranks[0]["t5_frozen"]
+    # Resuming from step 3 ends where the uninterrupted run ended (same PEFT weights and metrics).
+    resumed = json.loads((tmp_path / "t5_resumed" / "results.json").read_text())
+    assert resumed["steps"] == 6 and resumed["eval"] == t5["eval"]
+    first = load_file(str(tmp_path / "t5" / "peft" / "peft.safetensors"))
+    second = load_file(str(tmp_path / "t5_resumed" / "peft" / "peft.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # The search scored every candidate on each task's held-out part of train and averaged the tasks.
     search = json.loads((tmp_path / "search" / "search.json").read_text())
-    assert [h["stage"] for h in search["history"]][:2] == ["grouping", "strategies G1"]
+    assert search["tasks"] == {
+        t: {"metric": "accuracy", "search_train": 960, "heldout": 64} for t in ("keywords", "topics")
+    }
+    assert [h["stage"] for h in search["history"]] == ["grouping", "allocation"]
+    for entry in search["history"]:
+        for choice, score in entry["scores"].items():
+            tasks = entry["task_scores"][choice]
+            assert set(tasks) == {"keywords", "topics"}
+            assert score == pytest.approx(sum(tasks.values()) / 2)
+        if entry["tie"]:  # equal scores: the tie rule decided, and the run recorded it
+            assert (
+                entry["tie"]["chosen"] == entry["chosen"] and len(set(entry["tie"]["scores"].values())) == 1
+            )
+        else:
+            assert entry["scores"][entry["chosen"]] == max(entry["scores"].values())
     best = DesignSpaceConfig(**search["best"])
-    assert sum(best.group_sizes) == 6 and all(
-        s in (["lora"], ["adapter", "bitfit"]) for s in best.strategies_per_group
-    )
+    assert sum(best.group_sizes) == 6 and best.allocation in ("uniform", "increasing")
     apply_design(tiny("roberta"), best)
 
 

@@ -1,9 +1,18 @@
 """Masked-Diffuse LM (Chen et al., EMNLP 2023): continuous diffusion over word embeddings with
 soft-masked noise (words noised in order of importance) and a cross-entropy denoiser;
-classifier-guided controllable generation. ``smile zoo masked_diffuse_lm train|eval``."""
+classifier-guided controllable generation (content, length, POS, syntax spans).
+``smile zoo masked_diffuse_lm train|eval``."""
 
 from smile.models.masked_diffuse_lm.config import BackboneCfg, ControlCfg, DataCfg, MDLMConfig
-from smile.models.masked_diffuse_lm.control import LatentClassifier, guidance
+from smile.models.masked_diffuse_lm.control import (
+    LatentClassifier,
+    POSClassifier,
+    SpanClassifier,
+    guidance,
+    pos_guidance,
+    span_guidance,
+)
+from smile.models.masked_diffuse_lm.data import Grammar, Parse
 from smile.models.masked_diffuse_lm.denoiser import Denoiser, bert_config, moefy_bert
 from smile.models.masked_diffuse_lm.diffusion import MaskedDiffuseLM, masked_ce
 from smile.models.masked_diffuse_lm.importance import ImportanceScorer, buckets, importance
@@ -15,11 +24,15 @@ __all__ = [
     "ControlCfg",
     "DataCfg",
     "Denoiser",
+    "Grammar",
     "ImportanceScorer",
     "LatentClassifier",
     "MDLMConfig",
     "MaskedDiffuseLM",
+    "POSClassifier",
+    "Parse",
     "SoftMaskSchedule",
+    "SpanClassifier",
     "Vocab",
     "bert_config",
     "buckets",
@@ -27,5 +40,7 @@ __all__ = [
     "importance",
     "masked_ce",
     "moefy_bert",
+    "pos_guidance",
+    "span_guidance",
     "tokenize",
 ]

@@ -51,13 +51,20 @@ class DataCfg:
 @dataclass
 class ControlCfg:
     """Guided generation (``eval --control``). task: content (samples must contain ``target``
-    word; a latent classifier guides) or length (samples of ``length`` words; met by the mask).
+    word; a latent classifier guides), length (samples of ``length`` words; met by the mask), pos
+    (``target`` a tag sequence such as ``"DET NOUN VERB"``; the samples have its length) or span
+    (``target`` ``"i,j,LABEL"``: words i..j, 0-based and inclusive, form a constituent LABEL).
+    pos / span read the synthetic grammar's own lexicon and parser; on real data they need
+    ``tagger`` (pos) / ``parser`` (span), a ``"module:function"`` the user supplies: words -> tags,
+    words -> [(i, j, label), ...] or None (no parse); nothing is bundled or downloaded.
     The classifier trains ``classifier_steps`` steps at ``classifier_lr``; guidance takes
     ``guidance_steps`` gradient steps of ``step_size`` per reverse step, with ``fluency`` weight."""
 
-    task: Literal["content", "length"] = "content"
+    task: Literal["content", "length", "pos", "span"] = "content"
     target: str | None = None
     length: int = 10
+    tagger: str | None = None
+    parser: str | None = None
     classifier_hidden: int = 128
     classifier_steps: int = 2000
     classifier_lr: float = 1e-3

@@ -21,24 +21,48 @@ SPLITS = ("train", "valid", "test")
 
 
 # ---- the offline synthetic grammar ---------------------------------------------------------------
+POS_TAGS = ("DET", "ADJ", "NOUN", "VERB")  # the grammar's parts of speech, in tie-break order
+SPAN_LABELS = ("S", "NP", "VP")  # its phrase labels
+UNKNOWN_TAG = "X"  # a word outside the lexicon ([UNK], [PAD])
+Span = tuple[int, int, str]  # (first, last, label): word positions 0-based, both inclusive
+
+
+@dataclass(frozen=True)
+class Parse:
+    """A sentence's parts of speech and its constituents ``(first, last, label)``."""
+
+    tags: tuple[str, ...]
+    spans: frozenset[Span]
+
+
 @dataclass(frozen=True)
 class Grammar:
-    """``det [adj] noun verb [det [adj] noun]``, every content word from one of two topics: 20
-    words, in-grammar bigrams known exactly (a cross-topic pair is out of grammar)."""
+    """``S -> NP VP; NP -> det [adj] noun; VP -> verb [NP]``, every content word of a sentence from
+    one of two topics: 20 words, in-grammar bigrams known exactly (a cross-topic pair is out of
+    grammar). The grammar is unambiguous: a sentence has at most one parse (tested)."""
 
     dets: tuple[str, ...] = ("the", "a")
     adjs: tuple[tuple[str, ...], ...] = (("red", "big", "old"), ("blue", "small", "new"))
     nouns: tuple[tuple[str, ...], ...] = (("cat", "dog", "bird"), ("car", "ship", "train"))
     verbs: tuple[tuple[str, ...], ...] = (("eats", "sees", "likes"), ("moves", "stops", "hits"))
 
-    def sentence(self, rng: random.Random) -> list[str]:
+    def derive(self, rng: random.Random) -> tuple[list[str], Parse]:
+        """One sentence and its gold derivation (the tags and phrases the generator chose)."""
         k = rng.randrange(2)
-        words = [rng.choice(self.dets)] + ([rng.choice(self.adjs[k])] if rng.random() < 0.7 else [])
-        words += [rng.choice(self.nouns[k]), rng.choice(self.verbs[k])]
+        subject = [("DET", rng.choice(self.dets))] + (
+            [("ADJ", rng.choice(self.adjs[k]))] if rng.random() < 0.7 else []
+        )
+        subject.append(("NOUN", rng.choice(self.nouns[k])))
+        tagged = subject + [("VERB", rng.choice(self.verbs[k]))]
         if rng.random() < 0.5:
-            words += [rng.choice(self.dets)] + ([rng.choice(self.adjs[k])] if rng.random() < 0.5 else [])
-            words.append(rng.choice(self.nouns[k]))
-        return words
+            tagged += [("DET", rng.choice(self.dets))] + (
+                [("ADJ", rng.choice(self.adjs[k]))] if rng.random() < 0.5 else []
+            )
+            tagged.append(("NOUN", rng.choice(self.nouns[k])))
+        return [w for _, w in tagged], _tree([t for t, _ in tagged], len(subject))
+
+    def sentence(self, rng: random.Random) -> list[str]:
+        return self.derive(rng)[0]
 
     def bigrams(self) -> set[tuple[str, str]]:
         allowed = set()
@@ -50,17 +74,75 @@ class Grammar:
             allowed |= {(v, d) for v in self.verbs[k] for d in self.dets}
         return allowed
 
+    def _categories(self, k: int) -> dict[str, set[str]]:
+        """The words each part of speech may take in a sentence of topic ``k``."""
+        return {"DET": set(self.dets), "ADJ": set(self.adjs[k]), "NOUN": set(self.nouns[k]),
+                "VERB": set(self.verbs[k])}  # fmt: skip
 
-def grammar_corpus(n: int, seed: int, grammar: Grammar | None = None) -> dict[str, list[list[str]]]:
+    def lexicon(self) -> dict[str, str]:
+        """word -> part of speech. A word listed under several parts of speech gets the first of
+        them in ``POS_TAGS`` order (DET, ADJ, NOUN, VERB), so tagging is deterministic; the default
+        grammar has no such word (its four word lists are disjoint)."""
+        lexicon: dict[str, str] = {}
+        for tag in POS_TAGS:
+            for k in range(len(self.nouns)):
+                for word in sorted(self._categories(k)[tag]):
+                    lexicon.setdefault(word, tag)
+        return lexicon
+
+    def tag(self, words: list[str]) -> list[str]:
+        """Each word's part of speech by the lexicon; ``X`` outside it."""
+        lexicon = self.lexicon()
+        return [lexicon.get(w, UNKNOWN_TAG) for w in words]
+
+    def parses(self, words: list[str]) -> list[Parse]:
+        """Every parse of ``words`` (the recogniser: empty when the sentence is out of grammar),
+        in a fixed order: topic, then a subject with an adjective before one without."""
+        n, found = len(words), []
+        for k in range(len(self.nouns)):
+            cat = self._categories(k)
+            for subject in (["DET", "ADJ", "NOUN"], ["DET", "NOUN"]):
+                rest = n - len(subject) - 1
+                objects = [[]] if rest == 0 else [o for o in (["DET", "ADJ", "NOUN"], ["DET", "NOUN"])
+                                                  if len(o) == rest]  # fmt: skip
+                for obj in objects:
+                    tags = subject + ["VERB"] + obj
+                    if all(w in cat[tag] for w, tag in zip(words, tags, strict=True)):
+                        found.append(_tree(tags, len(subject)))
+        return found
+
+    def parse(self, words: list[str]) -> Parse | None:
+        """The parse of ``words`` by the grammar's own recogniser, or None if out of grammar."""
+        found = self.parses(words)
+        return found[0] if found else None
+
+
+def _tree(tags: list[str], subject_len: int) -> Parse:
+    """The constituents of ``NP(subject) VP(verb [NP(object)])`` over ``tags``."""
+    last, verb = len(tags) - 1, subject_len
+    spans = {(0, last, "S"), (0, subject_len - 1, "NP"), (verb, last, "VP")}
+    if last > verb:
+        spans.add((verb + 1, last, "NP"))
+    return Parse(tuple(tags), frozenset(spans))
+
+
+def grammar_treebank(
+    n: int, seed: int, grammar: Grammar | None = None
+) -> dict[str, list[tuple[list[str], Parse]]]:
+    """``grammar_corpus`` with each sentence's gold derivation: split -> [(words, parse)]."""
     grammar = grammar or Grammar()
     rng = random.Random(seed)
-    sentences = [grammar.sentence(rng) for _ in range(n)]
+    derived = [grammar.derive(rng) for _ in range(n)]
     cut = max(1, n // 10)
     return {
-        "train": sentences[: n - 2 * cut],
-        "valid": sentences[n - 2 * cut : n - cut],
-        "test": sentences[n - cut :],
+        "train": derived[: n - 2 * cut],
+        "valid": derived[n - 2 * cut : n - cut],
+        "test": derived[n - cut :],
     }
+
+
+def grammar_corpus(n: int, seed: int, grammar: Grammar | None = None) -> dict[str, list[list[str]]]:
+    return {split: [words for words, _ in rows] for split, rows in grammar_treebank(n, seed, grammar).items()}
 
 
 # ---- real data ----------------------------------------------------------------------------------
@@ -124,7 +206,9 @@ def load_roc(data_dir: str | None, seed: int = 0) -> dict[str, list[list[str]]]:
 
 # ---- batches ------------------------------------------------------------------------------------
 class Batches:
-    """Fixed-shape padded batches of one rank's share; every rank yields the same number."""
+    """Fixed-shape padded batches of one rank's share; every rank yields the same number.
+    ``with_rows`` adds ``rows``, the batch's indices into ``rows`` (to look up per-sentence
+    annotations, which do not fit a fixed-shape tensor)."""
 
     def __init__(
         self,
@@ -137,7 +221,9 @@ class Batches:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        with_rows: bool = False,
     ) -> None:
+        self.with_rows = with_rows
         self.rows, self.vocab, self.batch_size, self.max_len = rows, vocab, batch_size, max_len
         self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world_size
         self.epoch = 0
@@ -159,9 +245,10 @@ class Batches:
             random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
         mine = order[self.rank :: self.world]
         for b in range(self.per_rank):
-            chunk = [self.rows[i] for i in mine[b * self.batch_size : (b + 1) * self.batch_size]]
-            ids, mask = self.vocab.pad(chunk, self.max_len)
-            yield {"input_ids": ids, "attention_mask": mask}
+            index = mine[b * self.batch_size : (b + 1) * self.batch_size]
+            ids, mask = self.vocab.pad([self.rows[i] for i in index], self.max_len)
+            batch = {"input_ids": ids, "attention_mask": mask}
+            yield {**batch, "rows": torch.tensor(index)} if self.with_rows else batch
 
 
 # ---- metrics ------------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ class LeMDAConfig:
     """The augmentation network, its losses and the two optimizers.
 
     augment: False trains the same late-fusion model without the augmenter (the baseline).
+    noise_std: the naive ablation, only with augment=False: h trains on ``[f; f']`` with tiled
+        labels as in LeMDA, but ``f' = f.detach() + noise_std * std(f) * N(0, I)`` (std per feature
+        over the batch): Gaussian noise in the same place of the network, nothing learned.
     arch: "mlp_vae" (MLP VAE over the concatenated features) or "trans_vae" (a transformer VAE
         over the modality tokens).
     z_dim / n_layer: latent width and number of narrowing encoder layers (mlp_vae) or of
@@ -36,6 +39,7 @@ class LeMDAConfig:
     """
 
     augment: bool = True
+    noise_std: float = 0.0
     arch: Literal["mlp_vae", "trans_vae"] = "mlp_vae"
     z_dim: int = 8
     n_layer: int = 4
@@ -60,6 +64,12 @@ class LeMDAConfig:
 
     def validate(self, where: str = "lemda") -> None:
         _at_least(f"{where}.z_dim", self.z_dim, 1)
+        _at_least(f"{where}.noise_std", self.noise_std, 0.0)
+        if self.augment and self.noise_std > 0:
+            raise ConfigError(
+                f"{where}.noise_std={self.noise_std} is the Gaussian-noise ablation; "
+                f"it needs {where}.augment=false"
+            )
         _at_least(f"{where}.n_layer", self.n_layer, 1)
         _at_least(f"{where}.n_head", self.n_head, 1)
         _at_least(f"{where}.tran_hidden", self.tran_hidden, 1)
@@ -195,15 +205,19 @@ class ModelConfig:
 class DataConfig:
     """Where the table comes from and how it is split and batched.
 
-    source: "sklearn" (name "wine": the 13 features as columns f0..f12, label "label"; offline),
+    source: "sklearn" (offline; name "wine": 13 features, or "digits": the 64 pixels of 8x8
+        digit images, as columns f0.., label "label"),
         "csv" (name is a directory holding ``<split>.csv``; image cells are paths relative to
         image_root, default that directory; several paths separated by ';' use the first),
         "jsonl" (``<split>.jsonl`` in that directory, one JSON object per row), or
         "hf" (name is a ``datasets`` id, read from the local cache, or a ``save_to_disk``
         directory; hf_name selects a configuration).
     label: the label column; classes are the sorted distinct labels of the train split.
-    noise_std: sklearn only, Gaussian noise in units of each feature's std, added to every split.
-    test_fraction, seed: sklearn only, the stratified held-out split.
+    noise_std: sklearn only, Gaussian noise in units of each feature's std, added to every split;
+        shift_std: more such noise on the validation and test splits only (a covariate shift).
+    test_fraction, seed: sklearn only, the stratified held-out split; val_fraction (of all rows)
+        holds out a stratified "validation" split from the rest (for choosing hyperparameters);
+        train_rows keeps a stratified subset of that many train rows (the few-row regime).
     max_rows: keep at most this many rows of each split (quick runs).
     """
 
@@ -215,7 +229,10 @@ class DataConfig:
     eval_split: str = "test"
     image_root: str | None = None
     noise_std: float = 0.0
+    shift_std: float = 0.0
     test_fraction: float = 0.3
+    val_fraction: float = 0.0
+    train_rows: int | None = None
     seed: int = 0
     max_rows: int | None = None
     eval_batch_size: int = 64
@@ -224,10 +241,16 @@ class DataConfig:
     def validate(self, where: str = "data") -> None:
         if not self.name:
             raise ConfigError(f"{where}.name must name the dataset")
-        if self.source == "sklearn" and self.name != "wine":
-            raise ConfigError(f"{where}.name={self.name!r} is not a sklearn dataset here; allowed: 'wine'")
+        if self.source == "sklearn" and self.name not in ("wine", "digits"):
+            raise ConfigError(
+                f"{where}.name={self.name!r} is not a sklearn dataset here; allowed: 'wine', 'digits'"
+            )
         _at_least(f"{where}.noise_std", self.noise_std, 0.0)
+        _at_least(f"{where}.shift_std", self.shift_std, 0.0)
         _in_range(f"{where}.test_fraction", self.test_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        _in_range(f"{where}.val_fraction", self.val_fraction, 0.0, 1.0 - self.test_fraction, high_open=True)
+        if self.train_rows is not None:
+            _at_least(f"{where}.train_rows", self.train_rows, 2)
         _at_least(f"{where}.seed", self.seed, 0)
         _at_least(f"{where}.eval_batch_size", self.eval_batch_size, 1)
         _at_least(f"{where}.num_workers", self.num_workers, 0)
@@ -239,13 +262,15 @@ class DataConfig:
 class JobConfig:
     """A whole ``smile zoo lemda`` run. ``train.optimizers`` is derived from ``lemda`` (task and
     augmenter optimizers), and ``train.max_steps`` / ``train.micro_batch_size`` from
-    ``lemda.epochs`` / ``lemda.max_steps`` and ``lemda.batch_size``: leave them unset there."""
+    ``lemda.epochs`` / ``lemda.max_steps`` and ``lemda.batch_size``: leave them unset there.
+    metric: reported besides accuracy and loss: "roc_auc" (binary tasks) or "quadratic_kappa"
+    (ordinal classes in sorted label order, e.g. PetFinder's AdoptionSpeed 0-4)."""
 
     lemda: LeMDAConfig = field(default_factory=LeMDAConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    metric: Literal["accuracy", "roc_auc"] = "accuracy"
+    metric: Literal["accuracy", "roc_auc", "quadratic_kappa"] = "accuracy"
 
     def validate(self, where: str = "job") -> None:
         defaults = TrainConfig()

@@ -3,8 +3,11 @@
 A table is columns of equal length; rows are read in batches (``take``) so large image
 datasets are decoded lazily. Layouts:
 
-* ``sklearn`` "wine": columns f0..f12 (float) and ``label`` (0..2); a stratified train/test split
-  of ``test_fraction``, with optional Gaussian noise of ``noise_std`` feature standard deviations.
+* ``sklearn`` "wine" (columns f0..f12, ``label`` 0..2) or "digits" (f0..f63, the 8x8 pixels,
+  ``label`` 0..9): a stratified train/test split of ``test_fraction``, optionally a stratified
+  "validation" split (``val_fraction``) and a stratified cut of the train rows (``train_rows``),
+  with optional Gaussian noise of ``noise_std`` feature standard deviations (plus ``shift_std`` on
+  the validation and test splits only).
 * ``csv``: ``<name>/<split>.csv`` with a header row; empty cells are missing values; image cells
   hold paths relative to ``image_root`` (default ``<name>``), several separated by ';' (the first
   is used, as in the official Petfinder script).
@@ -92,7 +95,7 @@ def _check_column(name: str, columns: list[str], source: str) -> None:
 def load_split(cfg: DataConfig, split: str) -> ColumnTable | HFTable:
     """One split of the configured dataset."""
     if cfg.source == "sklearn":
-        table: ColumnTable | HFTable = _sklearn_wine(cfg, split)
+        table: ColumnTable | HFTable = _sklearn(cfg, split)
     elif cfg.source == "csv":
         table = _csv(Path(cfg.name) / f"{split}.csv")
     elif cfg.source == "jsonl":
@@ -155,26 +158,48 @@ def _hf(cfg: DataConfig, split: str) -> HFTable:
     return HFTable(loaded, f"{cfg.name}[{split}]")
 
 
-def _sklearn_wine(cfg: DataConfig, split: str) -> ColumnTable:
+VALIDATION = "validation"
+
+
+def _sklearn(cfg: DataConfig, split: str) -> ColumnTable:
+    """Stratified test / validation / train splits of a scikit-learn table, the train part
+    optionally cut to ``train_rows`` (stratified), with optional Gaussian feature noise."""
     try:
         import numpy as np
-        from sklearn.datasets import load_wine
+        from sklearn.datasets import load_digits, load_wine
         from sklearn.model_selection import train_test_split
     except ImportError as err:
         raise ImportError("data.source='sklearn' needs scikit-learn (pip install scikit-learn)") from err
-    if split not in (cfg.train_split, cfg.eval_split):
-        raise KeyError(f"sklearn wine has splits {cfg.train_split!r} and {cfg.eval_split!r}, not {split!r}")
-    x, y = load_wine(return_X_y=True)
+    splits = [cfg.train_split, cfg.eval_split] + ([VALIDATION] if cfg.val_fraction > 0 else [])
+    if split not in splits:
+        raise KeyError(f"sklearn {cfg.name} has splits {splits}, not {split!r}")
+    x, y = (load_wine if cfg.name == "wine" else load_digits)(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=cfg.test_fraction, stratify=y, random_state=cfg.seed
     )
-    x, y = (x_train, y_train) if split == cfg.train_split else (x_test, y_test)
-    if cfg.noise_std > 0:
-        rng = np.random.default_rng(cfg.seed + (0 if split == cfg.train_split else 1))
-        x = x + cfg.noise_std * x_train.std(axis=0) * rng.standard_normal(x.shape)
+    parts = {cfg.eval_split: (x_test, y_test)}
+    if cfg.val_fraction > 0:
+        x_train, x_val, y_train, y_val = train_test_split(
+            x_train,
+            y_train,
+            test_size=round(cfg.val_fraction * len(y)),
+            stratify=y_train,
+            random_state=cfg.seed,
+        )
+        parts[VALIDATION] = (x_val, y_val)
+    if cfg.train_rows is not None and cfg.train_rows < len(y_train):
+        x_train, _, y_train, _ = train_test_split(
+            x_train, y_train, train_size=cfg.train_rows, stratify=y_train, random_state=cfg.seed
+        )
+    parts[cfg.train_split] = (x_train, y_train)
+    x, y = parts[split]
+    noise = cfg.noise_std + (cfg.shift_std if split != cfg.train_split else 0.0)
+    if noise > 0:
+        rng = np.random.default_rng(cfg.seed + splits.index(split))
+        x = x + noise * x_train.std(axis=0) * rng.standard_normal(x.shape)
     columns: dict[str, list[Any]] = {f"f{j}": x[:, j].tolist() for j in range(x.shape[1])}
     columns["label"] = [int(v) for v in y]
-    return ColumnTable(columns, f"sklearn wine[{split}]")
+    return ColumnTable(columns, f"sklearn {cfg.name}[{split}]")
 
 
 def as_float(value: Any) -> float:

@@ -34,7 +34,8 @@ def frozen_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class LeMDA(nn.Module):
-    """The classifier (task network) and, when ``config.augment``, the augmentation network."""
+    """The classifier (task network) and, when ``config.augment``, the augmentation network;
+    without it, ``config.noise_std`` > 0 trains the Gaussian-noise ablation in G's place."""
 
     def __init__(self, classifier: LateFusionClassifier, config: LeMDAConfig) -> None:
         super().__init__()
@@ -68,6 +69,12 @@ class LeMDA(nn.Module):
         labels = self.labels(batch)
         f = self.classifier.features(batch)
         h = self.classifier.task
+        if self.augmenter is None and self.config.noise_std > 0:
+            f_in = f.detach()
+            scale = f_in.std(dim=0, correction=0, keepdim=True)
+            f_noise = f_in + self.config.noise_std * scale * torch.randn_like(f_in)
+            task = F.cross_entropy(h(torch.cat([f, f_noise], dim=0)), labels.repeat(2))
+            return {"loss": task, "task": task}
         if self.augmenter is None:
             task = F.cross_entropy(h(f), labels)
             return {"loss": task, "task": task}

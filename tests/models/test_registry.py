@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("lemda", "peft_design_spaces", "trap_replace")
 
 
-def _smile(*argv: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "SMILE_DEBUG"}
+def _smile(*argv: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SMILE_DEBUG"} | env_vars
     return subprocess.run(
         [sys.executable, "-m", "smile.cli", *argv],
         cwd=ROOT,
@@ -182,17 +182,9 @@ def test_smile_zoo_locked_run_dir_is_one_error_line(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     monkeypatch.setenv("SMILE_JOB_ID", "a-live-job")
     held = lock.acquire(run_dir)  # this test process is the live holder
-    env = {k: v for k, v in os.environ.items() if k != "SMILE_DEBUG"} | {"SMILE_JOB_ID": "another-job"}
-    argv = ["zoo", "lemda", "train", "--config", "wine_tiny", f"train.run_dir={run_dir}"]
     try:
-        out = subprocess.run(
-            [sys.executable, "-m", "smile.cli", *argv],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        argv = ("zoo", "lemda", "train", "--config", "wine_tiny", f"train.run_dir={run_dir}")
+        out = _smile(*argv, SMILE_JOB_ID="another-job")
     finally:
         held.release()
     assert out.returncode == 1, out.stderr

@@ -27,7 +27,9 @@ On an emulated cluster (``smile cluster``) each node's uplink byte counter is re
 step: the report gives the bytes each variant put on the busiest uplink per step and the
 link-bound time those bytes need at the shaped rate, i.e. how close a step comes to the link.
 Every report also gives the share of the whole machine's CPU time that was busy during the
-median step (``/proc/stat``): near 100%, the host's cores, not the link, bound the step.
+median step (``/proc/stat``): near 100%, the host's cores, not the link, bound the step; and the
+CPU time the ranks themselves spent in a step (summed over ranks, all their threads), which
+other jobs on a shared machine inflate far less than the wall time.
 
 Run like benchmarks/all2all_bench.py: simulated (``--nodes --gpus-per-node``), under
 ``smile cluster ... -- benchmarks/moe_layer_bench.py``, or under torchrun on GPUs.
@@ -148,27 +150,27 @@ def _cpu_ticks() -> tuple[int, int]:
 
 def _step(
     layer: nn.Module, x: torch.Tensor, device: torch.device, uplink: Path | None
-) -> tuple[float, int, float]:
+) -> tuple[float, int, float, float]:
     """(seconds of one fwd+bwd step, bytes this node's uplink sent during it (0 without one),
-    fraction of the machine's CPU time busy during it)."""
+    fraction of the machine's CPU time busy during it, CPU seconds this process spent in it)."""
     layer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     dist.barrier()
     sent = int(uplink.read_text()) if uplink else 0
     busy, total = _cpu_ticks()
-    start = time.perf_counter()
+    start, own_cpu = time.perf_counter(), time.process_time()
     out, aux = layer(x)
     (out.float().square().mean() + aux).backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, own_cpu = time.perf_counter() - start, time.process_time() - own_cpu
     busy_after, total_after = _cpu_ticks()
     cpu_busy = (busy_after - busy) / (total_after - total) if total_after > total else float("nan")
     if uplink:
         dist.barrier()  # every rank of the node has sent its part of the step
         sent = int(uplink.read_text()) - sent
-    return seconds, sent, cpu_busy
+    return seconds, sent, cpu_busy, own_cpu
 
 
 def moe_layer_worker(topo, cfg: dict) -> dict:
@@ -184,13 +186,15 @@ def moe_layer_worker(topo, cfg: dict) -> dict:
     uplink_bytes: dict[str, list[float]] = {name: [] for name in layers}
     cpu_busy: dict[str, list[float]] = {name: [] for name in layers}
     dropped: dict[str, list[float]] = {name: [] for name in layers}
+    rank_cpu: dict[str, list[float]] = {name: [] for name in layers}
     uplink = _uplink_counter()
     for i in range(cfg["warmup"] + cfg["iters"]):
         for name, layer in layers.items():
             x.grad = None
-            t, sent, busy = _step(layer, x, device, uplink)
+            t, sent, busy, own_cpu = _step(layer, x, device, uplink)
             if i >= cfg["warmup"]:
                 samples[name].append(t)
+                rank_cpu[name].append(own_cpu)
                 uplink_bytes[name].append(sent)
                 cpu_busy[name].append(busy)
                 stats = getattr(layer, "last_stats", None)
@@ -200,10 +204,13 @@ def moe_layer_worker(topo, cfg: dict) -> dict:
     for name, times in samples.items():
         slow = torch.tensor(times, dtype=torch.float64, device=device)
         dist.all_reduce(slow, op=dist.ReduceOp.MAX)
+        ranks_cpu = torch.tensor(rank_cpu[name], dtype=torch.float64, device=device)
+        dist.all_reduce(ranks_cpu)
         busiest = torch.tensor([statistics.median(uplink_bytes[name])], dtype=torch.float64, device=device)
         dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
         result[name] = {
             "samples_s": slow.tolist(),
+            "rank_cpu_s": ranks_cpu.tolist(),
             "uplink_bytes": float(busiest) if uplink else None,
             "cpu_busy": statistics.median(cpu_busy[name]),
             "dropped": statistics.mean(dropped[name]) if dropped[name] else None,
@@ -228,6 +235,7 @@ def summarize(per_rank: list[dict], cfg: dict, world: int, rate_mbit: float | No
             "tokens_per_s": world * cfg["tokens"] / median,
             "dropped": statistics.mean(drops) if drops else None,
             "cpu_busy": per_rank[0][name]["cpu_busy"],
+            "rank_cpu_ms": 1e3 * statistics.median(per_rank[0][name]["rank_cpu_s"]),
             "samples_s": slow,
         }
     return rows
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'variant':22} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'tokens/s':>10} {'dropped':>8} "
-        f"{'uplink MB':>10} {'link ms':>8} {'link/step':>9} {'CPU busy':>8}"
+        f"{'uplink MB':>10} {'link ms':>8} {'link/step':>9} {'CPU busy':>8} {'rank CPU ms':>11}"
     )
     for name, r in rows.items():
         drop = "-" if r["dropped"] is None else f"{r['dropped']:.1%}"
@@ -335,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{name:22} {r['median_ms']:10.1f} {r['min_ms']:9.1f} {r['max_ms']:9.1f} "
-            f"{r['tokens_per_s']:10.0f} {drop:>8} {link} {r['cpu_busy']:8.0%}"
+            f"{r['tokens_per_s']:10.0f} {drop:>8} {link} {r['cpu_busy']:8.0%} {r['rank_cpu_ms']:11.1f}"
         )
     for label, value in report["ratios"].items():
         print(f"tokens/s ratio {label}: {value:.2f}x")

@@ -5,7 +5,9 @@ experts never touch a layout:
 
 1. :meth:`~TokenDispatcher.permute`: one dispatch index over the routing plan's kept copies
    (rows grouped by chunk, then global expert; only kept rows, never capacity padding), the
-   permuted rows, and the row counts exchanged with the peers (the routes of every chunk);
+   permuted rows, and the row counts exchanged with the peers (the routes of every chunk): one
+   count call per layer call for every chunk and hop, started before the rows are permuted so
+   the two overlap (see :mod:`smile.moe.exchange` for why counts cannot ride with the rows);
 2. :meth:`~TokenDispatcher.to_experts`: every hop of the exchange toward this rank's experts;
 3. :meth:`~TokenDispatcher.from_experts`: the hops back;
 4. :meth:`~TokenDispatcher.combine`: un-permute and weight each token's copies by its gates.
@@ -83,11 +85,12 @@ class TokenDispatcher:
             dest, src, slot_counts = backend.dispatch_index(
                 slots, plan.keep, chunks * self.num_experts, kept_total=plan.kept_total
             )
+            counts = slot_counts.view(chunks, self.num_experts)
+            # The count exchange (one call for every chunk and hop) runs while the rows are copied.
+            pending = self.exchange.start_routes(counts)
             rows = permute(tokens, src, dest, backend)
-        counts = slot_counts.view(chunks, self.num_experts)
         chunk_rows = [rows] if chunks == 1 else list(rows.split(counts.sum(1).tolist()))
-        routes = self.exchange.routes(counts)
-        return Dispatch(chunk_rows, counts, routes, dest, src, plan.gates, backend)
+        return Dispatch(chunk_rows, counts, pending.wait(), dest, src, plan.gates, backend)
 
     def to_experts(self, dispatch: Dispatch) -> tuple[torch.Tensor, list[int] | torch.Tensor]:
         """(expert input rows, rows per local expert) of an unchunked dispatch."""

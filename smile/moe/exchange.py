@@ -10,17 +10,30 @@ their results are bit-identical; the hops run in reverse to send expert outputs 
 * flat: one All2All over all W ranks of the EP group (W-1 peers per rank).
 * hierarchical (SMILE): an inter-node All2All among the N ranks sharing a local rank, a local
   regroup by destination GPU, then an intra-node All2All among the G ranks of a node
-  ((N-1) + (G-1) peers per rank, each inter-node message G times larger).
+  ((N-1) + (G-1) peers per rank, each inter-node message G times larger). A hop over a group of
+  one rank (one node, or one rank per node) is no hop at all: the exchange is then the flat one
+  over the other group, with flat's collectives and copies and nothing more.
 
-Row counts are exchanged before every hop (one small All2All of integers): only real rows
-travel, and ranks may hold different token counts, so no static exchange size exists. :meth:`Exchange.routes`
-does this once for all chunks of a layer's tokens; the pipelined layer (:mod:`smile.moe.pipeline`)
-drives the hops asynchronously through :meth:`Hop.start`.
+Row counts: only real rows travel and ranks may hold different token counts, so no static
+exchange size exists, and an All2All with uneven splits (gloo's included) needs both its send
+and its receive splits before it starts. The counts therefore cannot ride in a header of the
+payload they size (the receiver would have to know the header's payload size to post the
+receive), and padding every message to a bound would send capacity padding (and dropless
+routing has no bound). What is legal, and done here, is one small count All2All per layer call,
+covering every chunk and every hop, started asynchronously by :meth:`Exchange.start_routes` as
+soon as the counts exist so it overlaps the permute copy. The hierarchical exchange sends each
+EP peer this rank's counts for every expert on that peer's node in one call over the EP group:
+from these each rank derives both hops' splits, so the two-hop dispatch pays one count call,
+not one per hop (with (N-1)(G-1) more tiny messages in that call than two per-hop calls would
+send, which is cheaper than a second collective and its wait wherever the fixed cost of a call
+dominates small messages, as on gloo). The pipelined layer (:mod:`smile.moe.pipeline`) drives
+the hops asynchronously through :meth:`Hop.start`.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,14 +114,29 @@ def all_to_all(
     return _AllToAll.apply(x, out_splits, in_splits, group, codec, grad_codec)
 
 
-def exchange_counts(counts: torch.Tensor, group) -> torch.Tensor:
-    """Send ``counts[p]`` (any trailing shape) to peer p; return what each peer sent to us."""
+@dataclass
+class PendingRoutes:
+    """A count exchange in flight; :meth:`wait` finishes it and plans every chunk's route."""
+
+    received: torch.Tensor
+    work: object | None  # torch.distributed Work, None when no collective runs
+    plan: Callable[[torch.Tensor], list[Route]]
+    sent: torch.Tensor  # keeps the send buffer alive until the exchange ends
+
+    def wait(self) -> list[Route]:
+        if self.work is not None:
+            self.work.wait()
+        return self.plan(self.received)
+
+
+def start_counts(counts: torch.Tensor, group, plan: Callable[[torch.Tensor], list[Route]]) -> PendingRoutes:
+    """Start sending ``counts[p]`` (any trailing shape) to peer p; ``plan`` gets what each peer sent us."""
+    counts = counts.contiguous()
     if group is None or dist.get_world_size(group) == 1:
-        return counts.clone()
-    flat = counts.reshape(-1).contiguous()
-    out = torch.empty_like(flat)
-    dist.all_to_all_single(out, flat, group=group)
-    return out.view(counts.shape)
+        return PendingRoutes(counts, None, plan, counts)
+    received = torch.empty_like(counts)
+    work = dist.all_to_all_single(received.view(-1), counts.view(-1), group=group, async_op=True)
+    return PendingRoutes(received, work, plan, counts)
 
 
 def regroup_index(counts: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
@@ -123,6 +151,23 @@ def regroup_index(counts: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
     block = torch.repeat_interleave(torch.arange(sizes.numel(), device=counts.device), sizes)
     new_starts = torch.cumsum(sizes, 0) - sizes
     return starts[block] + torch.arange(block.numel(), device=counts.device) - new_starts[block]
+
+
+class _Regroup(torch.autograd.Function):
+    """Rows reordered by the permutation ``index``; the gradient is the gather by ``inverse``.
+
+    Autograd's ``index_select`` backward would scatter-add into a zeroed buffer; a permutation
+    needs only the inverse gather, which moves the same values.
+    """
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):  # type: ignore[override]
+        ctx.inverse = inverse
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.index_select(0, ctx.inverse), None, None
 
 
 def _inverse(index: torch.Tensor) -> torch.Tensor:
@@ -154,13 +199,13 @@ class Hop:
             out = all_to_all(
                 x, self.recv_splits, self.send_splits, self.group, self.dispatch_codec, self.combine_codec
             )
-            return out if self.index is None else out.index_select(0, self.index)
+            return out if self.index is None else _Regroup.apply(out, self.index, self.inverse)
 
     def from_experts(self, y: torch.Tensor) -> torch.Tensor:
         """Undo the regroup and send ``y`` back toward its senders (differentiable)."""
         with record_function(f"smile.a2a.{self.label}"):
             if self.inverse is not None:
-                y = y.index_select(0, self.inverse)
+                y = _Regroup.apply(y, self.inverse, self.index)
             return all_to_all(
                 y, self.send_splits, self.recv_splits, self.group, self.combine_codec, self.combine_codec
             )
@@ -209,15 +254,31 @@ class Exchange:
         self.num_experts = num_experts
         self.num_local = num_experts // topology.ep_size
 
-    def routes(self, row_counts: torch.Tensor) -> list[Route]:
-        """Routes for chunks whose permuted buffers hold ``row_counts[c, e]`` rows per expert.
-
-        Exchanges the counts of all chunks at once (one small All2All per hop).
-        """
+    def start_routes(self, row_counts: torch.Tensor) -> PendingRoutes:
+        """Start planning the routes of chunks whose permuted buffers hold ``row_counts[c, e]``
+        rows per expert: one count exchange for all chunks and hops, asynchronous, so the caller
+        can permute the rows meanwhile; ``wait()`` returns the routes."""
         raise NotImplementedError
+
+    def routes(self, row_counts: torch.Tensor) -> list[Route]:
+        """:meth:`start_routes`, waited for."""
+        return self.start_routes(row_counts).wait()
 
     def _hop(self, label: str, group, send: list[int], recv: list[int], index: torch.Tensor) -> Hop:
         return Hop(group, send, recv, index, label, self.dispatch_codec, self.combine_codec)
+
+    def _one_hop(self, label: str, group, row_counts: torch.Tensor) -> PendingRoutes:
+        """One All2All over ``group``, whose i-th rank is EP rank i (the flat exchange)."""
+        send = row_counts.view(-1, self.topology.ep_size, self.num_local).transpose(0, 1)
+        return start_counts(send, group, functools.partial(self._one_hop_routes, label, group, send))
+
+    def _one_hop_routes(self, label: str, group, send: torch.Tensor, recv: torch.Tensor) -> list[Route]:
+        """``send`` / ``recv``: [dest / src rank, chunk, local expert]."""
+        routes = []
+        for c, (send_rows, recv_rows) in enumerate(zip(_sizes(send), _sizes(recv))):
+            index = regroup_index(recv[:, c], (1, 0))
+            routes.append(Route([self._hop(label, group, send_rows, recv_rows, index)], recv[:, c].t()))
+        return routes
 
 
 def _sizes(counts: torch.Tensor) -> list[list[int]]:
@@ -228,28 +289,42 @@ def _sizes(counts: torch.Tensor) -> list[list[int]]:
 class FlatExchange(Exchange):
     """One All2All over the whole EP group (Switch / GShard / DeepSpeed-MoE)."""
 
-    def routes(self, row_counts):
-        w, group = self.topology.ep_size, self.topology.group("ep")
-        send = row_counts.view(-1, w, self.num_local).transpose(0, 1)  # [dest rank, chunk, local expert]
-        recv = exchange_counts(send.contiguous(), group)  # [src rank, chunk, local expert]
-        routes = []
-        for c, (send_rows, recv_rows) in enumerate(zip(_sizes(send), _sizes(recv))):
-            index = regroup_index(recv[:, c], (1, 0))
-            routes.append(Route([self._hop("flat", group, send_rows, recv_rows, index)], recv[:, c].t()))
-        return routes
+    def start_routes(self, row_counts):
+        return self._one_hop("flat", self.topology.group("ep"), row_counts)
 
 
 class HierarchicalExchange(Exchange):
-    """SMILE's two hops: inter-node (same local rank), then intra-node."""
+    """SMILE's two hops: inter-node (same local rank), then intra-node.
 
-    def routes(self, row_counts):
+    With one node, or one rank per node, one of the two hops is over a group of one rank: it is
+    left out, and the other hop alone is the flat exchange (no extra collective, no copy).
+    """
+
+    def start_routes(self, row_counts):
         topo = self.topology
         n, g, e = topo.ep_nodes, topo.gpus_per_node, self.num_local
+        if g == 1:
+            return self._one_hop("inter", topo.group("inter"), row_counts)
+        if n == 1:
+            return self._one_hop("intra", topo.group("intra"), row_counts)
+        chunks = row_counts.shape[0]
+        # To EP rank (node m, gpu j): this rank's counts for every expert of node m.
+        node_counts = row_counts.view(chunks, n, 1, g, e).expand(chunks, n, g, g, e)
+        send = node_counts.permute(1, 2, 0, 3, 4).reshape(n * g, chunks, g, e)
+        return start_counts(send, topo.group("ep"), functools.partial(self._two_hop_routes, row_counts))
+
+    def _two_hop_routes(self, row_counts: torch.Tensor, received: torch.Tensor) -> list[Route]:
+        """Both hops' splits from ``received[s]``: EP rank s's counts for this node's experts."""
+        topo = self.topology
+        n, g, e, me = topo.ep_nodes, topo.gpus_per_node, self.num_local, topo.local_rank
         inter, intra = topo.group("inter"), topo.group("intra")
+        counts = received.view(n, g, -1, g, e)  # [src node, src gpu, chunk, dest gpu, local expert]
         send1 = row_counts.view(-1, n, g, e).transpose(0, 1)  # [dest node, chunk, dest gpu, local expert]
-        recv1 = exchange_counts(send1.contiguous(), inter)  # [src node, chunk, dest gpu, local expert]
+        # Hop 1 brings this rank what the ranks of its local rank on every node send to this node.
+        recv1 = counts[:, me]  # [src node, chunk, dest gpu, local expert]
         send2 = recv1.permute(2, 1, 0, 3)  # [dest gpu, chunk, src node, local expert]
-        recv2 = exchange_counts(send2.contiguous(), intra)  # [src gpu, chunk, src node, local expert]
+        # Hop 2 brings this rank what every EP rank sends to its own experts, via node-mate src gpu.
+        recv2 = counts[:, :, :, me].permute(1, 2, 0, 3)  # [src gpu, chunk, src node, local expert]
         routes = []
         sizes = zip(_sizes(send1), _sizes(recv1), _sizes(send2), _sizes(recv2))
         for c, (send1_rows, recv1_rows, send2_rows, recv2_rows) in enumerate(sizes):
@@ -263,8 +338,8 @@ class HierarchicalExchange(Exchange):
 class LocalExchange(Exchange):
     """Single process: every expert is local, nothing moves."""
 
-    def routes(self, row_counts):
-        return [Route([], counts.view(-1, 1)) for counts in row_counts]
+    def start_routes(self, row_counts):
+        return start_counts(row_counts, None, lambda counts: [Route([], c.view(-1, 1)) for c in counts])
 
 
 EXCHANGES: dict[str, type[Exchange]] = {

@@ -30,6 +30,7 @@ from typing import Any, TextIO
 from smile.moe.topology import under_torchrun
 
 IFACE = "smilenet"  # the node's uplink inside every namespace (GLOO_SOCKET_IFNAME)
+GSO_MAX_BYTES = 65536  # the largest packet TCP hands a veth (the kernel's default gso_max_size)
 _NS_RE = re.compile(r"^smile-(\d+)-(\d+)$")
 
 
@@ -46,7 +47,8 @@ class ClusterConfig:
     rate_mbit: float = 200.0
     subnet: str = "10.77.0"  # the nodes get <subnet>.1 .. <subnet>.<nodes> (/24)
     master_port: int = 29500
-    tbf_latency_ms: float = 100.0  # queueing a tbf allows before it drops
+    # queueing a tbf allows before it drops: deep enough that it does not (see tbf_limit_bytes)
+    tbf_latency_ms: float = 1000.0
     mtu: int = 9000  # of every link: jumbo frames, as training clusters use (EFA 9001); 1500 = office LAN
 
     def __post_init__(self) -> None:
@@ -73,9 +75,29 @@ class ClusterConfig:
 
     @property
     def tbf_burst_bytes(self) -> int:
-        """Bucket size: 2 ms of line rate, at least 32 KiB (below that tbf under-runs its timer) and
-        two frames."""
-        return max(32 * 1024, 2 * self.mtu, int(self.rate_bytes_per_s * 2e-3))
+        """Bucket size: 2 ms of line rate, at least 32 KiB (below that tbf under-runs its timer), two
+        frames, and one whole GSO packet plus a frame.
+
+        A packet larger than the bucket is cut into frames by tbf in software (``tbf_segment``),
+        work a NIC does in hardware (TSO): on a 2-core machine that CPU is taken from the ranks.
+        """
+        return max(32 * 1024, 2 * self.mtu, GSO_MAX_BYTES + self.mtu, int(self.rate_bytes_per_s * 2e-3))
+
+    @property
+    def tbf_limit_bytes(self) -> int:
+        """Bytes a tbf queues before it drops: ``tbf_latency_ms`` of line rate.
+
+        Why this deep: the uplink's tbf stands for the host's transmit queue, which TCP's
+        small-queue limit keeps far from its 1000 packets, so a host does not drop its own
+        packets; the downlink's tbf stands for the switch port of a lossless training fabric
+        (InfiniBand credits, RoCE PFC), which pauses senders instead of dropping. At 100 ms
+        (2.5 MB at 200 Mbit/s) the emulation dropped where neither would: All2Alls of 16 MiB per
+        rank on 4 x 2 lost 549 frames (flat) and 7664 (the inter-node hop on four connections)
+        in five dispatches, in both queues, and TCP retransmitted them; at 1 s nothing was
+        dropped (benchmarks/link_bench.py, docs/benchmarks.md).
+        """
+        limit = int(self.rate_bytes_per_s * self.tbf_latency_ms / 1e3) + self.tbf_burst_bytes
+        return min(limit, 2**32 - 1)  # tc keeps it in a u32
 
 
 def _ip(*args: str) -> str:
@@ -190,7 +212,7 @@ class EmulatedCluster:
     def _shape(self, ns: str | None, dev: str) -> None:
         cfg = self.config
         cmd = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{cfg.rate_mbit}mbit",
-               "burst", str(cfg.tbf_burst_bytes), "latency", f"{cfg.tbf_latency_ms}ms"]  # fmt: skip
+               "burst", str(cfg.tbf_burst_bytes), "limit", str(cfg.tbf_limit_bytes)]  # fmt: skip
         if ns is not None:
             cmd = ["ip", "netns", "exec", ns, *cmd]
         done = subprocess.run(cmd, capture_output=True, text=True)

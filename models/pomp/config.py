@@ -11,7 +11,7 @@ from smile.models.pomp.local_contrast import LOG_BASES
 from smile.models.pomp.prompt import POSITIONS
 from smile.runtime import CheckpointConfig, ConfigError, LogConfig, TrainConfig
 
-SOURCES = ("imagefolder", "hf", "digit_pairs")
+SOURCES = ("imagefolder", "hf", "digit_pairs", "digit_triples")
 OBJECTIVES = ("local_contrast", "full_softmax")
 
 
@@ -22,15 +22,15 @@ class DataCfg:
     source: imagefolder (``root/<class folder>/*`` images, ImageNet-21K style; class names from
         ``classnames_file``), hf (HF ``datasets``: ``hf_path`` with the user's ``data_dir`` /
         ``cache_dir``; class names from the label column's ClassLabel or ``classnames_file``),
-        digit_pairs (the offline set-up, see digits.py).
+        digit_pairs / digit_triples (the offline set-up, 100 / 1000 classes, see digits.py).
     classnames_file: one class per line, ``<folder> <name>`` (or the name alone, in sorted folder
         / label order); its length must equal the number of classes.
-    classes: digit_pairs only, which of the 100 pair classes (empty: all).
+    classes: digit_pairs / digit_triples only, which of the classes (empty: all).
     augment: train only; randaugment = random resized crop + flip + RandAugment(randaug_n).
     """
 
     name: str = "train"
-    source: Literal["imagefolder", "hf", "digit_pairs"] = "imagefolder"
+    source: Literal["imagefolder", "hf", "digit_pairs", "digit_triples"] = "imagefolder"
     root: str | None = None
     classnames_file: str | None = None
     hf_path: str = "imagefolder"

@@ -1,5 +1,5 @@
 """Image sets (ImageNet-21K-style folders with k shots per class, HF ``datasets`` with the user's
-``data_dir``, offline digit pairs) and the per-rank batch stream the Trainer consumes."""
+``data_dir``, offline digit pairs / triples) and the per-rank batch stream the Trainer consumes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from smile.models.pomp.config import DataCfg
-from smile.models.pomp.digits import digit_pairs, pair_names
+from smile.models.pomp.digits import digit_tuples, tuple_names
 from smile.models.pomp.transforms import center_crop, to_tensor, train_transform
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -104,9 +104,10 @@ def load_images(cfg: DataCfg, shots: int | None = None) -> ImageSet:
         return image_folder(cfg, shots)
     if cfg.source == "hf":
         return hf_images(cfg)
-    names = pair_names()
+    arity = 2 if cfg.source == "digit_pairs" else 3
+    names = tuple_names(arity)
     classes = cfg.classes or list(range(len(names)))
-    images, labels = digit_pairs(cfg.per_class, cfg.split, classes, seed=cfg.seed)
+    images, labels = digit_tuples(cfg.per_class, cfg.split, classes, seed=cfg.seed, arity=arity)
     return ImageSet(list(images), labels, [names[c] for c in classes])
 
 

@@ -1,9 +1,10 @@
-"""A tiny CLIP, briefly pre-trained here on digit-pair captions, for offline runs and tests.
+"""A tiny CLIP, briefly pre-trained here on digit-pair (or triple) captions, for offline runs and tests.
 
 Random CLIP weights make prompt learning meaningless (class names carry nothing), so the offline
 set-up first trains a tiny CLIP contrastively on ``"a photo of digits <a> <b>."`` captions; the
 prompt then has to recover, from a random context, what "a photo of digits" gave.
-``python -m smile.models.pomp.tiny_clip OUT_DIR`` writes it as a ``from_pretrained`` directory.
+``python -m smile.models.pomp.tiny_clip OUT_DIR [--digits 3]`` writes it as a ``from_pretrained``
+directory.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from smile.models.pomp.clip import CLIP_MEAN, CLIP_STD
-from smile.models.pomp.digits import WORDS, digit_pairs, pair_names
+from smile.models.pomp.digits import WORDS, digit_tuples, tuple_names
 
 TEMPLATE = "a photo of digits {}."
 EXTRA_WORDS = ("a", "photo", "of", "digits", "digit", "x")
@@ -70,20 +71,30 @@ def to_pixels(images, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
-def build_tiny_clip(out_dir: str | Path, steps: int = 400, batch: int = 100, seed: int = 0) -> Path:
-    """Train a tiny CLIP on digit-pair captions (CLIP's symmetric InfoNCE) and save it."""
+def build_tiny_clip(
+    out_dir: str | Path,
+    steps: int = 400,
+    batch: int = 100,
+    seed: int = 0,
+    arity: int = 2,
+    per_class: int = 20,
+) -> Path:
+    """Train a tiny CLIP on digit-pair (``arity=2``) or triple captions (CLIP's symmetric
+    InfoNCE, ``batch`` distinct classes per step) and save it."""
     torch.manual_seed(seed)
     tokenizer = word_tokenizer([*WORDS, *EXTRA_WORDS])
     model = CLIPModel(tiny_config(len(tokenizer)))
-    images, labels = digit_pairs(20, "train", seed=seed)
+    images, labels = digit_tuples(per_class, "train", seed=seed, arity=arity)
     pixels = to_pixels(images)
-    texts = tokenizer([TEMPLATE.format(n) for n in pair_names()], padding=True, return_tensors="pt")
+    names = tuple_names(arity)
+    texts = tokenizer([TEMPLATE.format(n) for n in names], padding=True, return_tensors="pt")
+    n = len(names)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         # one image per class in each batch, so captions in a batch are distinct
-        pick = torch.randint(20, (100,), generator=gen) + torch.arange(100) * 20
-        pick = pick[torch.randperm(100, generator=gen)[:batch]]
+        pick = torch.randint(per_class, (n,), generator=gen) + torch.arange(n) * per_class
+        pick = pick[torch.randperm(n, generator=gen)[:batch]]
         out = model(
             input_ids=texts["input_ids"][labels[pick]],
             attention_mask=texts["attention_mask"][labels[pick]],
@@ -106,8 +117,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--digits", type=int, default=2, choices=(2, 3), help="pairs or triples")
+    parser.add_argument("--per-class", type=int, default=20, help="training images per class")
     args = parser.parse_args()
-    print(build_tiny_clip(args.out_dir, steps=args.steps))
+    print(build_tiny_clip(args.out_dir, steps=args.steps, arity=args.digits, per_class=args.per_class))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from smile.models.pomp import (
 from smile.models.pomp.clip import load_clip
 from smile.models.pomp.config import DataCfg
 from smile.models.pomp.data import load_images, shots_of
-from smile.models.pomp.digits import WORDS
+from smile.models.pomp.digits import WORDS, digit_tuples, tuple_names
 from smile.models.pomp.method import POMPLoss, build_model, evaluate
 from smile.models.pomp.tiny_clip import EXTRA_WORDS, build_tiny_clip, tiny_config, word_tokenizer
 from smile.runtime import ConfigError, load_config
@@ -231,6 +231,17 @@ def test_imagefolder_16_shots_and_hf_data_dir_evaluation(random_clip, tmp_path):
         evaluate(cfg, "flowers")
 
 
+def test_digit_triples_are_1000_compositional_classes():
+    cfg = DataCfg(name="t", source="digit_triples", per_class=2, classes=[371, 7], augment="none")
+    images = load_images(cfg)
+    assert images.classnames == ["three seven one", "zero zero seven"] and shots_of(images).tolist() == [2, 2]
+    assert len(tuple_names(3)) == 1000 and tuple_names(2)[37] == "three seven"
+    pixels = np.stack(images.items)
+    assert pixels.shape == (4, 32, 32, 3) and pixels[:, :, 1:31].any() and not pixels[:, :8].any()
+    with pytest.raises(ValueError, match="arity=4 is not supported"):
+        digit_tuples(1, arity=4)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2 simulated ranks, ZeRO-2: the same negatives everywhere; checkpoints hold the prompt only
 # ---------------------------------------------------------------------------------------------
@@ -266,13 +277,14 @@ def test_two_ranks_share_negatives_and_checkpoints_hold_only_the_prompt(random_c
 
 
 # ---------------------------------------------------------------------------------------------
-# The method's effect on digit pairs (100 classes, K=4), through the runtime and the CLI
+# The method's effect on digit pairs (100 classes), through the runtime and the CLI
 # ---------------------------------------------------------------------------------------------
 SEEDS = (0, 1, 2)
+K = 24  # as in digits_tiny.yaml: inside the README grid's robust region (K = 24-32, 400-800 steps)
 VARIANTS = {
-    "pomp": [],
+    "pomp": [f"num_sampled_classes={K}"],
     "coop": ["objective=full_softmax"],
-    "no_correction": ["local_correction=false"],
+    "no_correction": [f"num_sampled_classes={K}", "local_correction=false"],
 }
 
 
@@ -326,19 +338,20 @@ def learning(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_local_correction_matches_coop_at_a_third_of_the_text_work_and_beats_the_ablation(learning):
+def test_local_correction_nears_coop_at_under_half_the_text_work_and_beats_the_ablation(learning):
     runs = learning["runs"]
     mean = {name: float(np.mean([runs[f"{name}_{s}"]["top1"] for s in SEEDS])) for name in VARIANTS}
     print(json.dumps(runs, indent=1), mean)
     assert mean["pomp"] > mean["no_correction"], (
         "local correction must beat the same sampled training without it"
     )
-    # Measured (README): POMP stays 1.1 points below CoOp here (0.745 vs 0.757 over seeds 0-2), so
-    # "at least CoOp's accuracy" does NOT hold in this set-up; asserted is what was observed: within
-    # 2 points of CoOp, with a third of its text-encoder work.
-    assert mean["pomp"] >= mean["coop"] - 0.02, "POMP must stay within 2 points of CoOp"
+    # Measured (README grid): POMP >= CoOp on the mean in one cell only (K=32, 400 steps, +0.1
+    # point); at K=24 it is 0.1 point below at 400 steps and 0.6 at 800, K=32 0.5 below at 800.
+    # At N=1000 (digits_triples.yaml) POMP stays 0.6-2.4 points below CoOp for K = 32-256.
+    # Asserted is what held across the K = 24-32 region here: within 1 point of CoOp.
+    assert mean["pomp"] >= mean["coop"] - 0.01, "POMP must stay within 1 point of CoOp"
     work = {name: float(np.mean([runs[f"{name}_{s}"]["prompts"] for s in SEEDS])) for name in VARIANTS}
-    assert work["coop"] == 100 and work["pomp"] < 0.35 * work["coop"]
+    assert work["coop"] == 100 and work["pomp"] <= 0.5 * work["coop"]
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
     python benchmarks/make_results.py          # refit and rewrite from benchmarks/results/*.json
     python benchmarks/make_results.py --run    # first measure again on the emulated cluster (root)
+    python benchmarks/make_results.py --run --only sweep   # measure only the node-count sweep
 
 ``--run`` builds the emulated cluster of ``RUNS`` (network namespaces, tbf-shaped uplinks) once
 per run, executes the benchmark under torchrun on every node, and tears it down. Every number in
@@ -14,10 +15,12 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from smile.data.objectives import compute_input_and_target_lengths
@@ -74,6 +77,20 @@ RUNS: dict[str, tuple[ClusterConfig, list[str]]] = {
         ],
     ),
 }
+# The node-count sweep (``--only sweep``): 2, 4, 8 nodes x 2 ranks, small messages where the fixed
+# cost of each message and collective dominates, as it does at scale; all2all_bench at three sizes and
+# a small MoE layer (512 tokens x d_model 128 per rank = 256 KiB dispatched), chunks 1, capacity
+# factor 1.0, the three layers that share every lever but the router or the dispatcher.
+SWEEP = "sweep"
+SWEEP_NODES = (2, 4, 8)
+SWEEP_PROCS = 2
+SWEEP_REPEATS = 5  # passes over the node counts, alternating their order; medians over the passes
+SWEEP_SIZES = "16K,64K,256K"
+SWEEP_A2A = ["--sizes", SWEEP_SIZES, "--iters", "15", "--min-iters", "7", "--budget-s", "6"]
+SWEEP_LAYER = (
+    "--tokens 512 --d-model 128 --d-ff 256 --experts-per-rank 1 --capacity-factor 1.0 --chunks 1 "
+    "--iters 15 --warmup 3 --variants switch+flat,switch+hierarchical,smile"
+).split()
 PAPER_CLAIM = 2.5
 NODE_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # The paper's setting: Switch-Base-128 on 16 nodes x 8 GPUs, as the project's cluster job runs it.
@@ -81,12 +98,33 @@ PAPER_CONFIG = HERE.parent / "configs" / "switch_base_128e_16x8.yaml"
 PAPER_NODES, PAPER_GPUS_PER_NODE = 16, 8
 
 
+def run_sweep(results: Path) -> None:
+    """The node-count sweep: per pass and node count one emulated cluster running the All2All and
+    layer benchmarks; passes alternate the order of the node counts so load drift hits all alike."""
+    for rep in range(SWEEP_REPEATS):
+        for n in SWEEP_NODES if rep % 2 == 0 else SWEEP_NODES[::-1]:
+            name = f"{n}x{SWEEP_PROCS}_r{rep}"
+            runs = [
+                ("all2all_bench.py", SWEEP_A2A, results / f"node_sweep_all2all_{name}.json"),
+                ("moe_layer_bench.py", SWEEP_LAYER, results / f"node_sweep_layer_{name}.json"),
+            ]
+            print(f"== node sweep {name} at {RATE_MBIT:g} Mbit/s, MTU {MTU}", flush=True)
+            with EmulatedCluster(ClusterConfig(n, SWEEP_PROCS, RATE_MBIT, mtu=MTU)) as cluster:
+                for script, argv, out in runs:
+                    code = cluster.run([str(HERE / script), *argv, "--out", str(out)], timeout=1800)
+                    if code:
+                        raise SystemExit(f"node sweep {name} {script} failed with exit code {code}")
+
+
 def run_all(results: Path, only: list[str] | None = None) -> None:
-    """Measure the entries of RUNS (all, or ``only``), each on a freshly built emulated cluster."""
-    unknown = set(only or []) - set(RUNS)
+    """Measure the entries of RUNS (all, or ``only``), each on a freshly built emulated cluster;
+    the node-count sweep too unless ``only`` leaves it out."""
+    unknown = set(only or []) - set(RUNS) - {SWEEP}
     if unknown:
-        raise SystemExit(f"--only: unknown {sorted(unknown)}; allowed: {', '.join(RUNS)}")
+        raise SystemExit(f"--only: unknown {sorted(unknown)}; allowed: {', '.join([*RUNS, SWEEP])}")
     raise_on_sigterm()
+    if not only or SWEEP in only:
+        run_sweep(results)
     for name, (config, argv) in RUNS.items():
         if only and name not in only:
             continue
@@ -330,10 +368,17 @@ def pretrain_section(rep: dict) -> list[str]:
     return lines
 
 
-def layer_check(rep: dict, fit: cm.FitResult) -> tuple[cm.ClusterSpec, list[str]]:
-    """Calibrate the one free parameter (FLOP/s) on switch+flat, predict the other layers."""
-    c, rows = rep["config"], rep["results"]
-    workload = cm.MoEWorkload(
+# benchmark layer -> (cost model layer kind, dispatch)
+LAYER_MODELS = {
+    "switch+flat": ("switch", "flat"),
+    "switch+hierarchical": ("switch", "hierarchical"),
+    "smile": ("smile", "hierarchical"),
+}
+
+
+def layer_workload(c: dict) -> cm.MoEWorkload:
+    """The cost model's workload of a moe_layer_bench config (fp32 payloads, top-1)."""
+    return cm.MoEWorkload(
         tokens_per_gpu=c["tokens"],
         d_model=c["d_model"],
         d_ff=c["d_ff"],
@@ -342,6 +387,12 @@ def layer_check(rep: dict, fit: cm.FitResult) -> tuple[cm.ClusterSpec, list[str]
         capacity_factor=c["capacity_factor"],
         bytes_per_element=4,
     )
+
+
+def layer_check(rep: dict, fit: cm.FitResult) -> tuple[cm.ClusterSpec, list[str]]:
+    """Calibrate the one free parameter (FLOP/s) on switch+flat, predict the other layers."""
+    c, rows = rep["config"], rep["results"]
+    workload = layer_workload(c)
     spec = replace(fit.spec, nodes=c["nodes"], gpus_per_node=c["gpus_per_node"])
     try:
         spec = cm.calibrate_flops(spec, workload, "switch", rows["switch+flat"]["median_ms"] / 1e3)
@@ -352,12 +403,7 @@ def layer_check(rep: dict, fit: cm.FitResult) -> tuple[cm.ClusterSpec, list[str]
             "calibrated on switch+flat."
         )
         return spec, [note, ""]
-    models = {
-        "switch+flat": ("switch", "flat"),
-        "switch+hierarchical": ("switch", "hierarchical"),
-        "smile": ("smile", "hierarchical"),
-        "deepspeed": ("switch", "flat"),
-    }
+    models = {**LAYER_MODELS, "deepspeed": ("switch", "flat")}
     lines = [
         "Layer model check: the All2All fit plus one free parameter, the matmul rate, calibrated on "
         f"switch+flat ({spec.flops / 1e9:.2f} GFLOP/s per rank); the other layers are predictions "
@@ -374,6 +420,290 @@ def layer_check(rep: dict, fit: cm.FitResult) -> tuple[cm.ClusterSpec, list[str]
         share = terms["all2all"] / terms["total"]
         lines.append(f"| {name} | {measured:.0f} | {model:.0f} | {model / measured - 1:+.0%} | {share:.0%} |")
     return spec, [*lines, ""]
+
+
+# ---- node-count sweep ----------------------------------------------------------------------------
+# (nodes, measured ratio: median over passes, model's ratio, the ratio in each pass) per node count
+Curve = list[tuple[int, float, float, list[float]]]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def sweep_all2all_points(reports: list[dict]) -> dict[tuple[int, int], dict[str, list[float]]]:
+    """(nodes, bytes per rank) -> each dispatch kind's per-run medians (seconds), one per pass."""
+    points: dict[tuple[int, int], dict[str, list[float]]] = {}
+    for rep in reports:
+        for row in rep["results"]:
+            point = points.setdefault(
+                (rep["config"]["nodes"], row["size_bytes"]), {k: [] for k in cm.DISPATCH_KINDS}
+            )
+            for kind in cm.DISPATCH_KINDS:
+                point[kind].append(row[kind]["median_s"])
+    return points
+
+
+def sweep_measurements(
+    points: dict[tuple[int, int], dict[str, list[float]]], gpus: int
+) -> list[cm.Measurement]:
+    """One cost-model measurement per point and kind: the median over passes."""
+    return [
+        cm.Measurement(kind, n, gpus, size, _median(runs[kind]))
+        for (n, size), runs in sorted(points.items())
+        for kind in cm.DISPATCH_KINDS
+    ]
+
+
+def holdout_specs(measurements: list[cm.Measurement], base: cm.ClusterSpec) -> dict[int, cm.ClusterSpec]:
+    """Per node count, the All2All fit to the other node counts' points only (leave one node count out):
+    what the model predicts for a node count it has not seen."""
+    counts = sorted({m.nodes for m in measurements})
+    return {n: cm.fit_all2all([m for m in measurements if m.nodes != n], base).spec for n in counts}
+
+
+def _comm_compute(spec: cm.ClusterSpec, workload: cm.MoEWorkload, layer: str) -> np.ndarray:
+    """A layer step's modelled (communication + copies, matmuls) seconds."""
+    kind, dispatch = LAYER_MODELS[layer]
+    terms = cm.layer_step(spec, workload, kind, dispatch)
+    compute = terms["router"] + terms["experts"]
+    return np.array([terms["total"] - compute, compute])
+
+
+def predicted_layers(
+    spec: cm.ClusterSpec, workload: cm.MoEWorkload, nodes: int, switch_flat_s: dict[int, float]
+) -> dict[str, float]:
+    """Each layer's predicted seconds at ``nodes``, from the All2All fit ``spec`` and two factors
+    calibrated on switch+flat at the other node counts only (non-negative, relative least squares):
+    one on the modelled communication and copies (a layer's All2Alls are not the benchmark's
+    stand-alone dispatches: no barrier before each, one count call per layer call) and one on the
+    matmul time (the matmul rate). Nothing measured at ``nodes`` enters; NaN without another node
+    count to calibrate on."""
+    rows = [
+        _comm_compute(replace(spec, nodes=other), workload, "switch+flat") / seconds
+        for other, seconds in sorted(switch_flat_s.items())
+        if other != nodes
+    ]
+    if not rows:
+        return {name: math.nan for name in LAYER_MODELS}
+    factors = cm.nnls(np.array(rows), np.ones(len(rows)))
+    at = replace(spec, nodes=nodes)
+    return {name: float(factors @ _comm_compute(at, workload, name)) for name in LAYER_MODELS}
+
+
+def cpu_bound(machine_busy: float, threshold: float = 0.9) -> bool:
+    """A step is CPU-bound when the machine's cores were (nearly) all busy during it: the ranks waited
+    for CPU, so a faster link would not have shortened it."""
+    return machine_busy >= threshold
+
+
+def _cores(env: dict) -> int:
+    found = re.search(r"(\d+) logical CPUs", env["machine"])
+    return int(found.group(1)) if found else 1
+
+
+def _loads(reports: list[dict]) -> str:
+    return ", ".join(
+        f"{r['environment']['loadavg_start'][0]:.1f}-{r['environment']['loadavg'][0]:.1f}" for r in reports
+    )
+
+
+def sweep_section(a2a: list[dict], layers: list[dict], plot_path: Path) -> list[str]:
+    """Hierarchical vs flat and SMILE vs Switch against node count, beside leave-one-node-count-out
+    predictions of the fitted cost model."""
+    gpus = a2a[0]["config"]["gpus_per_node"]
+    points = sweep_all2all_points(a2a)
+    measured = sweep_measurements(points, gpus)
+    base = cm.emulated_spec(2, gpus, RATE_MBIT)
+    specs = holdout_specs(measured, base)
+    nodes = sorted(specs)
+    c, env = layers[0]["config"], a2a[0]["environment"]
+    passes = max(len(v["flat"]) for v in points.values())
+    dates = sorted({r["environment"]["date_utc"] for r in [*a2a, *layers]})
+    lines = [
+        f"`python benchmarks/make_results.py --run --only {SWEEP}` (root): "
+        f"{', '.join(map(str, nodes))} nodes x {gpus} ranks, {RATE_MBIT:g} Mbit/s per node, MTU {_mtu(env)}, "
+        f"{passes} passes over the node counts (the order alternating), each pass and node count on a "
+        "freshly built emulated cluster running `all2all_bench.py` then `moe_layer_bench.py`; within a "
+        "run the compared variants are interleaved iteration by iteration. Figures are medians over "
+        f"the passes of each run's median ({dates[0]} to {dates[-1]}).",
+        "",
+        "Model: the cost model fitted to the All2All points of the other node counts only (leave one "
+        "node count out), so every model figure is a prediction for a node count the fit did not see. "
+        "The model still plans one count exchange per hop; the exchange now makes one per layer call "
+        "(hierarchical: 3 collectives, not 4). Layer model: the layer step of the same fit, with a factor "
+        "on its communication and one on its matmul time calibrated on switch+flat at the other node "
+        "counts; switch+hierarchical and smile are then predicted.",
+        "",
+        f"**All2All** ({_mb(min(s for _, s in points))} to {_mb(max(s for _, s in points))} per rank; "
+        f"load average at start-end of each run: "
+        + "; ".join(f"{n} nodes {_loads([r for r in a2a if r['config']['nodes'] == n])}" for n in nodes)
+        + ")",
+        "",
+        "| nodes | bytes/rank | flat ms | hier ms | hier/flat (per pass) | model flat ms | model hier ms "
+        "| model hier/flat |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    a2a_curves: dict[int, Curve] = {}
+    for (n, size), runs in sorted(points.items(), key=lambda item: (item[0][1], item[0][0])):
+        f, h = _median(runs["flat"]), _median(runs["hierarchical"])
+        spec = replace(specs[n], nodes=n)
+        mf, mh = cm.all2all_time(spec, "flat", size), cm.all2all_time(spec, "hierarchical", size)
+        passes = [b / a for a, b in zip(runs["flat"], runs["hierarchical"])]
+        per_pass = ", ".join(f"{r:.2f}" for r in passes)
+        lines.append(
+            f"| {n} | {_mb(size)} | {1e3 * f:.1f} | {1e3 * h:.1f} | **{h / f:.2f}** ({per_pass}) | "
+            f"{1e3 * mf:.1f} ({_pct(mf / f - 1)}) | {1e3 * mh:.1f} ({_pct(mh / h - 1)}) | {mh / mf:.2f} |"
+        )
+        a2a_curves.setdefault(size, []).append((n, h / f, mh / mf, passes))
+    workload = layer_workload(c)
+    by_nodes = {n: [r for r in layers if r["config"]["nodes"] == n] for n in nodes}
+    med = {
+        n: {
+            name: {
+                key: _median([r["results"][name][key] for r in reps])
+                for key in ("median_ms", "rank_cpu_ms", "cpu_busy", "link_bound_ms", "dropped")
+            }
+            for name in LAYER_MODELS
+        }
+        for n, reps in by_nodes.items()
+        if reps
+    }
+    switch_flat = {n: m["switch+flat"]["median_ms"] / 1e3 for n, m in med.items()}
+    sizes = {workload.rows(workload.experts_per_gpu * gpus * n) * workload.d_model * 4 for n in med}
+    cores = _cores(env)
+    lines += [
+        "",
+        f"**MoE layers** (d_model {c['d_model']}, FFN {c['d_model']}->{c['d_ff']}->{c['d_model']}, "
+        f"{c['experts_per_rank']} expert per rank, {c['tokens']} tokens per rank = "
+        f"{' / '.join(_mb(x) for x in sorted(sizes))} per capacity-padded dispatch, "
+        f"top-1, capacity factor {c['capacity_factor']}, chunks {c['chunks']}, fp32, forward + backward, "
+        f"median of {c['iters']} interleaved iterations after {c['warmup']} warm-up per run; the three "
+        "layers share every lever but the router (smile vs switch+hierarchical) or router and dispatcher "
+        "(smile vs switch+flat); tokens/s ratios, > 1 = SMILE faster; load average at start-end of each run: "
+        + "; ".join(f"{n} nodes {_loads(by_nodes[n])}" for n in med)
+        + ")",
+        "",
+        "| nodes | switch+flat ms | switch+hier ms | smile ms | smile / switch+flat (per pass; model) "
+        "| smile / switch+hier (per pass; model) | dropped (flat, hier, smile) | rank CPU ms "
+        "| ranks' share of the cores | machine CPU busy | link-bound share of the step | bound by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    layer_curves: dict[str, Curve] = {
+        "smile / switch+flat": [],
+        "smile / switch+hier": [],
+    }
+    bound_by = {}
+    for n, m in med.items():
+        pred = predicted_layers(replace(specs[n], nodes=n), workload, n, switch_flat)
+        ms = {name: m[name]["median_ms"] for name in LAYER_MODELS}
+        vs_flat, vs_hier = ms["switch+flat"] / ms["smile"], ms["switch+hierarchical"] / ms["smile"]
+        runs_flat, runs_hier = (
+            [r["results"][twin]["median_ms"] / r["results"]["smile"]["median_ms"] for r in by_nodes[n]]
+            for twin in ("switch+flat", "switch+hierarchical")
+        )
+        passes_flat, passes_hier = (", ".join(f"{r:.2f}" for r in runs) for runs in (runs_flat, runs_hier))
+        p_flat, p_hier = pred["switch+flat"] / pred["smile"], pred["switch+hierarchical"] / pred["smile"]
+        layer_curves["smile / switch+flat"].append((n, vs_flat, p_flat, runs_flat))
+        layer_curves["smile / switch+hier"].append((n, vs_hier, p_hier, runs_hier))
+        cpu = ", ".join(f"{m[name]['rank_cpu_ms']:.0f}" for name in LAYER_MODELS)
+        share = ", ".join(f"{m[name]['rank_cpu_ms'] / (cores * ms[name]):.0%}" for name in LAYER_MODELS)
+        busy = ", ".join(f"{m[name]['cpu_busy']:.0%}" for name in LAYER_MODELS)
+        drop = ", ".join(f"{m[name]['dropped']:.1%}" for name in LAYER_MODELS)
+        link = ", ".join(f"{m[name]['link_bound_ms'] / ms[name]:.0%}" for name in LAYER_MODELS)
+        bound_by[n] = all(cpu_bound(m[name]["cpu_busy"]) for name in LAYER_MODELS)
+        lines.append(
+            f"| {n} | {ms['switch+flat']:.1f} | {ms['switch+hierarchical']:.1f} | {ms['smile']:.1f} | "
+            f"**{vs_flat:.2f}** ({passes_flat}; {p_flat:.2f}) | "
+            f"**{vs_hier:.2f}** ({passes_hier}; {p_hier:.2f}) | {drop} | {cpu} | {share} | {busy} | "
+            f"{link} | {'CPU' if bound_by[n] else 'not only CPU'} |"
+        )
+    lines += ["", *_sweep_verdicts(a2a_curves, layer_curves)]
+    cpu_points = [n for n, b in bound_by.items() if b]
+    everywhere = "; so every layer point here measures the shared cores as much as the network"
+    lines += [
+        "",
+        f"Rank CPU ms: CPU time of all {gpus} x nodes ranks in the median step, summed; their share of the "
+        f"cores = that / ({cores} cores x step time). Machine CPU busy: every job on the machine during the "
+        "step (`/proc/stat`). A point is marked CPU-bound when the machine was at least 90% busy in the "
+        f"median step of every layer: the ranks waited for a core, not for the link. CPU-bound: "
+        f"{', '.join(f'{n} nodes' for n in cpu_points) or 'none'}"
+        f"{everywhere if len(cpu_points) == len(bound_by) else ''}. "
+        "The All2All runs have no CPU column; they ran on the same machine at the load shown.",
+        "",
+        f"![node-count sweep](results/{plot_path.name})",
+        "",
+    ]
+    plot_sweep(a2a_curves, layer_curves, plot_path)
+    return lines
+
+
+def _sweep_verdicts(a2a_curves: dict[int, Curve], layer_curves: dict[str, Curve]) -> list[str]:
+    """Where the measurements and the hold-out model put hierarchical ahead of flat and SMILE ahead of
+    Switch, and how far the model's ratios were off. A measured point counts only when its median is
+    more than 2% past 1 and every pass lies past 1 on the same side."""
+
+    def where(pts: list[tuple[str, float, list[float]]], sign: int) -> str:
+        found = [
+            label for label, r, runs in pts if sign * (r - 1) > 0.02 and all(sign * (x - 1) > 0 for x in runs)
+        ]
+        return ", ".join(found) or "nowhere"
+
+    def verdict(pts: list[tuple[str, float, float, list[float]]], sign: int) -> str:
+        errs = [abs(p / m - 1) for _, m, p, _ in pts if not math.isnan(p)]
+        return (
+            f"measured {where([(lb, m, runs) for lb, m, _, runs in pts], sign)}; hold-out model "
+            f"{where([(lb, p, [p]) for lb, _, p, _ in pts], sign)}; the other way round, measured "
+            f"{where([(lb, m, runs) for lb, m, _, runs in pts], -sign)}, hold-out model "
+            f"{where([(lb, p, [p]) for lb, _, p, _ in pts], -sign)}; the model's ratio is off by "
+            f"{min(errs):.0%} to {max(errs):.0%}"
+        )
+
+    a2a = [(f"{n}x{_mb(size)}", m, p, runs) for size, pts in a2a_curves.items() for n, m, p, runs in pts]
+    lines = [f"- Hierarchical faster than flat (nodes x bytes/rank): {verdict(a2a, -1)}."]
+    for label, pts in layer_curves.items():
+        named = [(f"{n} nodes", m, p, runs) for n, m, p, runs in pts]
+        lines.append(f"- {label} > 1 (SMILE faster): {verdict(named, 1)}.")
+    lines.append(
+        "  (A measured point counts when its median is more than 2% past 1 and every pass agrees; a "
+        "model point when it is more than 2% past 1.)"
+    )
+    return lines
+
+
+def plot_sweep(
+    a2a_curves: dict[int, Curve],
+    layer_curves: dict[str, Curve],
+    path: Path,
+) -> None:
+    """hier/flat and smile/switch against node count: measured solid, the hold-out model dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = [(left, {_mb(k): v for k, v in a2a_curves.items()}), (right, layer_curves)]
+    for ax, curves in panels:
+        for i, (label, pts) in enumerate(curves.items()):
+            colour = f"C{i}"
+            n = [p[0] for p in pts]
+            ax.plot(n, [p[1] for p in pts], "o-", color=colour, label=f"{label} measured")
+            ax.plot(n, [p[2] for p in pts], "x--", color=colour, label=f"{label} model (hold-out)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({p[0] for pts in curves.values() for p in pts}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("nodes (2 ranks each)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    left.set_ylabel("hier / flat All2All time (> 1: flat faster)")
+    left.set_title("All2All, per bytes per rank", fontsize=9)
+    right.set_ylabel("SMILE / Switch tokens/s (> 1: SMILE faster)")
+    right.set_title("MoE layer, forward + backward", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _stage_lines(reports: list[dict], size: int) -> list[str]:
@@ -743,6 +1073,14 @@ def render(results: Path) -> tuple[str, cm.FitResult, dict]:
     if pretrain_path.exists():
         pretrain = pretrain_section(load(pretrain_path))
         lines += ["## End-to-end pretraining on the emulated cluster", "", *pretrain]
+    sweep_a2a = [load(p) for p in sorted(results.glob("node_sweep_all2all_*.json"))]
+    sweep_layers = [load(p) for p in sorted(results.glob("node_sweep_layer_*.json"))]
+    if sweep_a2a and sweep_layers:
+        lines += [
+            "## Node-count sweep: hierarchical vs flat, SMILE vs Switch",
+            "",
+            *sweep_section(sweep_a2a, sweep_layers, results / "node_sweep.png"),
+        ]
     lines += [
         "## Crossover",
         "",
@@ -771,7 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
         "--run", action="store_true", help="measure again on the emulated cluster first (root)"
     )
     parser.add_argument(
-        "--only", action="append", help=f"with --run: measure only this entry ({', '.join(RUNS)})"
+        "--only", action="append", help=f"with --run: measure only this entry ({', '.join([*RUNS, SWEEP])})"
     )
     parser.add_argument("--results", default=str(HERE / "results"), help="directory of the JSON reports")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))

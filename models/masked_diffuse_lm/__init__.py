@@ -1,6 +1,7 @@
 """Masked-Diffuse LM (Chen et al., EMNLP 2023): continuous diffusion over word embeddings with
-soft-masked noise (words noised in order of importance) and a cross-entropy denoiser;
-classifier-guided controllable generation (content, length, POS, syntax spans).
+soft-masked noise (words noised in order of importance) and a cross-entropy denoiser trained
+with the paper's two-term objective (a [MASK] class for the words still masked at t-1); MBR
+decoding; classifier-guided controllable generation (content, length, POS, syntax spans).
 ``smile zoo masked_diffuse_lm train|eval``."""
 
 from smile.models.masked_diffuse_lm.config import BackboneCfg, ControlCfg, DataCfg, MDLMConfig
@@ -14,7 +15,7 @@ from smile.models.masked_diffuse_lm.control import (
 )
 from smile.models.masked_diffuse_lm.data import Grammar, Parse
 from smile.models.masked_diffuse_lm.denoiser import Denoiser, bert_config, moefy_bert
-from smile.models.masked_diffuse_lm.diffusion import MaskedDiffuseLM, masked_ce
+from smile.models.masked_diffuse_lm.diffusion import MaskedDiffuseLM, masked_ce, mbr_select, paper_ce
 from smile.models.masked_diffuse_lm.importance import ImportanceScorer, buckets, importance
 from smile.models.masked_diffuse_lm.schedule import SoftMaskSchedule
 from smile.models.masked_diffuse_lm.vocab import Vocab, tokenize
@@ -39,7 +40,9 @@ __all__ = [
     "guidance",
     "importance",
     "masked_ce",
+    "mbr_select",
     "moefy_bert",
+    "paper_ce",
     "pos_guidance",
     "span_guidance",
     "tokenize",

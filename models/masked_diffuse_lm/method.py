@@ -121,7 +121,7 @@ def build_model(cfg: MDLMConfig, vocab: Vocab, topology: Topology | None = None)
     denoiser = Denoiser(
         bert_config(b.hidden_size, b.num_layers, b.num_heads, b.intermediate_size, b.dropout, cfg.max_len),
         emb_dim,
-        len(vocab),
+        len(vocab) + (cfg.objective == "paper"),  # the output layer's [MASK] class
     )
     if cfg.moe is not None:
         moefy_bert(denoiser.bert, cfg.moe, topology)
@@ -134,14 +134,16 @@ def build_model(cfg: MDLMConfig, vocab: Vocab, topology: Topology | None = None)
         cfg.max_len,
         cfg.schedule,
         pretrained_emb=pretrained,
+        objective=cfg.objective,
     )
 
 
 def train_config(
     cfg: MDLMConfig, world: int, run_dir: str | None = None, steps: int | None = None
 ) -> TrainConfig:
-    """``cfg.train`` with the paper's optimisation: AdamW, no decay, lr annealed linearly to 0
-    (Diffusion-LM's lr_anneal_steps), the global batch split over the ranks."""
+    """``cfg.train`` with the paper's optimisation: AdamW, no decay, ``warmup_steps`` of linear
+    warm-up, then lr annealed linearly to 0 (Diffusion-LM's lr_anneal_steps), the global batch
+    split over the ranks."""
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {world} ranks")
     train = copy.deepcopy(cfg.train)
@@ -151,7 +153,11 @@ def train_config(
     train.grad_accum_steps = 1
     train.optimizers = [
         OptimizerConfig(
-            name="main", type="adamw", lr=cfg.lr, weight_decay=0.0, schedule=ScheduleConfig(kind="linear")
+            name="main",
+            type="adamw",
+            lr=cfg.lr,
+            weight_decay=0.0,
+            schedule=ScheduleConfig(kind="linear", warmup_steps=cfg.warmup_steps),
         )
     ]
     train.validate()
@@ -164,6 +170,25 @@ def _rank0() -> bool:
 
 def decode(vocab: Vocab, ids: torch.Tensor) -> list[list[str]]:
     return [vocab.decode(row.tolist()) for row in ids.cpu()]
+
+
+def generate(
+    cfg: MDLMConfig,
+    model: MaskedDiffuseLM,
+    n: int,
+    lengths: torch.Tensor | None = None,
+    guidance: Guidance | None = None,
+) -> torch.Tensor:
+    """``n`` samples with the config's sampler and decoding (``decode: mbr``: the minimum-Bayes-risk
+    one of ``mbr_samples`` per output, guided alike)."""
+    return model.sample(
+        n,
+        lengths=lengths,
+        guidance=guidance,
+        steps=cfg.sample_steps,
+        x0_mode=cfg.x0_mode,
+        mbr_samples=cfg.mbr_samples if cfg.decode == "mbr" else 1,
+    )
 
 
 def generation_metrics(samples: list[list[str]], allowed: set[tuple[str, str]]) -> dict[str, float]:
@@ -204,7 +229,7 @@ def train(cfg: MDLMConfig, prepared: Prepared | None = None) -> dict[str, Any]:
         )  # fmt: skip
 
     def generate_fn(model: MaskedDiffuseLM, ctx: Any):
-        ids = model.sample(max(1, cfg.eval_samples // world), steps=cfg.sample_steps, x0_mode=cfg.x0_mode)
+        ids = generate(cfg, model, max(1, cfg.eval_samples // world))
         samples = decode(prep.vocab, ids)
         return generation_metrics(samples, prep.allowed), [" ".join(s) for s in samples]
 
@@ -371,9 +396,7 @@ def _guided_vs_unguided(
     results = {}
     for name, hook in (("unguided", None), ("guided", guide)):
         torch.manual_seed(cfg.train.seed)
-        ids = model.sample(
-            cfg.control.samples, lengths=lengths, guidance=hook, steps=cfg.sample_steps, x0_mode=cfg.x0_mode
-        )
+        ids = generate(cfg, model, cfg.control.samples, lengths, hook)
         samples = decode(prep.vocab, ids)
         results[name] = {
             **success(samples),
@@ -501,9 +524,7 @@ def controlled_generation(
         length = min(control.length, cfg.max_len)
         lengths = torch.full((n,), length)
         torch.manual_seed(cfg.train.seed)
-        samples = decode(
-            prep.vocab, model.sample(n, lengths=lengths, steps=cfg.sample_steps, x0_mode=cfg.x0_mode)
-        )
+        samples = decode(prep.vocab, generate(cfg, model, n, lengths))
         results["success"] = sum(len(s) == length for s in samples) / n
         results.update(generation_metrics(samples, prep.allowed))
         return results
@@ -525,7 +546,7 @@ def evaluate(cfg: MDLMConfig, control: bool = False, checkpoint: str | None = No
     """Samples with the EMA weights and their metrics; with ``control``, guided generation."""
     model, prep = load_trained(cfg, checkpoint)
     torch.manual_seed(cfg.train.seed)
-    samples = decode(prep.vocab, model.sample(cfg.eval_samples, steps=cfg.sample_steps, x0_mode=cfg.x0_mode))
+    samples = decode(prep.vocab, generate(cfg, model, cfg.eval_samples))
     out: dict[str, Any] = {
         **generation_metrics(samples, prep.allowed),
         "examples": [" ".join(s) for s in samples[:5]],

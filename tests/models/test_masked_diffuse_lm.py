@@ -18,6 +18,7 @@ import torch
 
 from smile.models.masked_diffuse_lm import (
     ImportanceScorer,
+    MaskedDiffuseLM,
     MDLMConfig,
     SoftMaskSchedule,
     Vocab,
@@ -124,13 +125,13 @@ def test_buckets_put_the_most_important_tokens_first_in_equal_groups():
 # ---------------------------------------------------------------------------------------------
 # Loss.
 # ---------------------------------------------------------------------------------------------
-def _tiny_model(n_buckets: int = 4, vocab: int = 12):
+def _tiny_model(n_buckets: int = 4, vocab: int = 12, objective: str = "paper"):
     from smile.models.masked_diffuse_lm.denoiser import Denoiser, bert_config
     from smile.models.masked_diffuse_lm.diffusion import MaskedDiffuseLM
 
     torch.manual_seed(0)
-    denoiser = Denoiser(bert_config(32, 2, 2, 64, 0.0, 8), 16, vocab)
-    model = MaskedDiffuseLM(denoiser, vocab, 16, 20, n_buckets, 8)
+    denoiser = Denoiser(bert_config(32, 2, 2, 64, 0.0, 8), 16, vocab + (objective == "paper"))
+    model = MaskedDiffuseLM(denoiser, vocab, 16, 20, n_buckets, 8, objective=objective)
     scorer = ImportanceScorer().fit(CORPUS, vocab_size=vocab)
     model.set_statistics(scorer.idf, scorer.entropy, [3, 4, 3, 2])
     return model.eval()
@@ -153,6 +154,82 @@ def test_loss_ignores_padding_and_is_zero_for_the_one_hot_truth():
         torch.manual_seed(3)
         losses.append(model.training_loss({"input_ids": batch_ids, "attention_mask": mask})[0])
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
+
+
+def test_paper_objective_gamma_masked_sentence_and_reduction_to_the_single_ce():
+    from smile.models.masked_diffuse_lm.diffusion import paper_ce
+
+    ids = torch.tensor([[4, 1, 7, 2, 0, 0], [1, 3, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    model = _tiny_model()  # T=20, 4 buckets, [MASK] = id 12
+    bucket = model.buckets(ids, mask)
+    real = mask.bool()
+
+    def d_hat(t_prev: int, m: MaskedDiffuseLM = model, b: torch.Tensor = bucket) -> torch.Tensor:
+        return m.masked_sentence(ids, torch.full((2,), t_prev), b, mask)
+
+    assert torch.equal(d_hat(0), ids)  # t = 1: nothing is masked at t - 1 = 0, d_hat = d
+    # "masked at t-1" = the bucket's band has started (bands 1-5, 6-10, 11-15, 16-20 at T=20)
+    for t_prev in range(20):
+        started = torch.tensor([(b * 20) // 4 < t_prev for b in range(4)])[bucket]
+        assert torch.equal(d_hat(t_prev) == 12, started & real)
+    # the most important bucket is masked first: at t-1 = 1 exactly bucket 0's words are [MASK]
+    assert torch.equal(d_hat(1) == 12, (bucket == 0) & real)
+    assert torch.all(d_hat(19)[real] == 12) and torch.all(d_hat(19)[~real] == 0)  # padding kept
+    uniform = _tiny_model(n_buckets=1)  # one bucket: every word is [MASK] from t = 2 to T
+    b1 = uniform.buckets(ids, mask)
+    for t_prev in (1, 19):
+        assert torch.all(d_hat(t_prev, uniform, b1)[real] == 12)
+    # the training loss is gamma_t CE(d) + CE(d_hat) with gamma_t = (T - t) / T, t ~ U{1..T}
+    batch = {"input_ids": ids, "attention_mask": mask}
+    torch.manual_seed(5)
+    loss, metrics = model.training_loss(batch)
+    torch.manual_seed(5)
+    t = torch.randint(1, 21, (2,))
+    logits = model.denoiser(model.q_sample(model.embeddings()[ids], t, bucket), t, mask)
+    expected = paper_ce(logits, ids, model.masked_sentence(ids, t - 1, bucket, mask), (20 - t) / 20, mask)
+    assert torch.allclose(loss, expected) and torch.allclose(
+        metrics["ce"], masked_ce(logits[..., :12], ids, mask)
+    )
+    # By construction: without the d_hat term and with gamma = 1 it is the single CE
+    logits = torch.randn(2, 6, 13)
+    zero, one = torch.zeros(2), torch.ones(2)
+    assert torch.allclose(paper_ce(logits, ids, ids, zero, mask), masked_ce(logits, ids, mask))
+    assert torch.allclose(paper_ce(logits, ids, ids, one, mask), 2 * masked_ce(logits, ids, mask))
+    changed = logits.clone()  # padding is ignored by both terms
+    changed[mask == 0] = torch.randn(int((mask == 0).sum()), 13) * 50
+    masked_ids = d_hat(7)
+    assert paper_ce(changed, ids, masked_ids, one, mask) == paper_ce(logits, ids, masked_ids, one, mask)
+    # objective=ce is the single CE; a head without the [MASK] class is refused for paper
+    ce_model = _tiny_model(objective="ce")
+    torch.manual_seed(5)
+    ce_loss, ce_metrics = ce_model.training_loss(batch)
+    assert torch.equal(ce_loss, ce_metrics["ce"])
+    with pytest.raises(ValueError, match=r"objective=paper needs a denoiser head of 13 classes"):
+        MaskedDiffuseLM(ce_model.denoiser, 12, 16, 20, 4, 8, objective="paper")
+
+
+def test_sampling_never_emits_mask_and_mbr_picks_the_consensus_sample():
+    from smile.models.masked_diffuse_lm.diffusion import mbr_select
+
+    model = _tiny_model()
+    with torch.no_grad():
+        model.denoiser.head.bias[12] = 1e4  # the denoiser wants [MASK] everywhere
+    torch.manual_seed(0)
+    ids = model.sample(4, lengths=torch.tensor([2, 3, 5, 8]), steps=5, x0_mode="expected")
+    assert ids.max() < 12 and torch.all((ids > 0) == (torch.arange(8) < torch.tensor([2, 3, 5, 8])[:, None]))
+    # MBR by token-level disagreement: the candidate closest to the others wins (hand-built)
+    group = torch.tensor([[5, 6, 7, 0], [4, 6, 7, 0], [4, 6, 8, 0], [4, 9, 7, 0], [9, 9, 9, 0]])
+    # risks (differing positions, summed over the others): 7, 5, 7, 7, 11 -> candidate 1
+    picked = mbr_select(torch.stack([group, group.flip(0)]))
+    assert picked.tolist() == [[4, 6, 7, 0], [4, 6, 7, 0]]
+    tie = torch.tensor([[[3, 4], [5, 6]]])  # equal risk: the earlier candidate
+    assert mbr_select(tie).tolist() == [[3, 4]]
+    torch.manual_seed(0)
+    out = model.sample(2, lengths=torch.tensor([3, 6]), steps=2, mbr_samples=3)
+    assert out.shape == (2, 8) and torch.equal(out > 0, torch.arange(8) < torch.tensor([3, 6])[:, None])
+    with pytest.raises(ValueError, match="mbr_samples=0 must be >= 1"):
+        model.sample(2, mbr_samples=0)
 
 
 def test_sampling_respects_lengths_and_ddim_skipping():
@@ -208,15 +285,30 @@ def test_pretrained_encoder_embeddings_from_a_local_tiny_bert(tmp_path):
 
 
 def test_configs_load_and_the_method_is_registered():
+    from smile.models.masked_diffuse_lm.method import train_config
+
     for name in ("grammar_tiny", "e2e_full", "roc_full"):
         cfg = load_config(MDLMConfig, resolve_config("masked_diffuse_lm", name))
         assert cfg.train.ema.enabled
     full = load_config(MDLMConfig, resolve_config("masked_diffuse_lm", "e2e_full"))
-    assert (full.T, full.lr, full.steps, full.batch_size, full.schedule) == (500, 3e-4, 400_000, 64, "sqrt")
+    # the paper's numbers (§6.3): m = 3, T = 500, 20k steps, batch 32, 1k warm-up, MBR decoding
+    paper = (full.T, full.lr, full.steps, full.batch_size, full.warmup_steps, full.schedule, full.n_buckets)
+    assert paper == (500, 3e-4, 20_000, 32, 1_000, "sqrt", 3)
+    assert (full.objective, full.decode, full.mbr_samples) == ("paper", "mbr", 10)
     assert full.backbone.hidden_size == 768 and full.emb_dim == 16
+    roc = load_config(MDLMConfig, resolve_config("masked_diffuse_lm", "roc_full"))
+    assert (roc.n_buckets, roc.objective, roc.decode, roc.steps, roc.batch_size) == (
+        3,
+        "paper",
+        "mbr",
+        400_000,
+        64,
+    )
+    assert train_config(full, world=4).optimizers[0].schedule.warmup_steps == 1_000
     assert get("masked_diffuse_lm").load_config_class() is MDLMConfig
-    with pytest.raises(ConfigError, match="x0_mode"):
-        load_config(MDLMConfig, None, ["x0_mode=mean"])
+    for bad in ("x0_mode=mean", "objective=l2", "decode=beam", "mbr_samples=0", "warmup_steps=-1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(MDLMConfig, None, [bad])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,11 +557,15 @@ def test_soft_masked_noise_beats_uniform_noise_and_guidance_steers(tmp_path):
         assert method["steps"] == 300
         assert method["ce_last"] <= 0.7 * method["ce_first"]  # 300 steps cut CE by >= 30%
         assert method["bigram"] >= 0.6  # samples from T=20: >= 60% in-grammar bigrams
+    # The ablation (same seeds, steps, model, sampler), under the paper's objective: soft-masked
+    # noise writes more fully grammatical sentences (seeds 0-2: 0.470 vs 0.376; 0-4: 0.464 vs
+    # 0.414). The bigram-rate gap is within noise under this objective (0-4: 0.770 vs 0.765,
+    # seed 3 reversed), so it is not asserted (README).
     mean = {
-        arm: sum(runs[f"{arm}_{s}"]["bigram"] for s in SEEDS) / len(SEEDS)
+        arm: sum(runs[f"{arm}_{s}"]["fluent"] for s in SEEDS) / len(SEEDS)
         for arm in ("soft_masked", "uniform")
     }
-    assert mean["soft_masked"] > mean["uniform"]  # the ablation: same seeds, steps, model, sampler
+    assert mean["soft_masked"] >= mean["uniform"] + 0.03
     assert out["stats_saved"]
     guided, unguided = out["control"]["guided"], out["control"]["unguided"]
     # the target word appears more often, from the same noise (paired; n=256, SE of the gap ~0.03)

@@ -33,6 +33,9 @@ class LeMDAConfig:
     adv_scale: f' enters the task loss through a gradient reversal of this scale.
     cons_updates_task: the official code lets the consistency loss update the task network; the
         paper's task objective has no consistency term, so by default h is frozen in it.
+    freeze_encoders: train only h and G on fixed features (the encoders and adapters keep their
+        initial or loaded weights), so that with a few training rows the encoders cannot move f
+        to memorise them and G perturbs features that stay put, like pretrained ones.
     task_* / aug_*: AdamW (with cosine decay, warmup_ratio, layer-wise lr decay over pretrained
         encoder layers) for the task network, Adam for the augmenter; both step every iteration.
     epochs, batch_size: the effective batch over all ranks; max_steps, if set, replaces epochs.
@@ -52,6 +55,7 @@ class LeMDAConfig:
     cons_threshold: float = 0.5
     adv_scale: float = 1e-4
     cons_updates_task: bool = False
+    freeze_encoders: bool = False
     task_lr: float = 1e-4
     task_wd: float = 1e-3
     layerwise_lr_decay: float = 0.8
@@ -215,6 +219,9 @@ class DataConfig:
     label: the label column; classes are the sorted distinct labels of the train split.
     noise_std: sklearn only, Gaussian noise in units of each feature's std, added to every split;
         shift_std: more such noise on the validation and test splits only (a covariate shift).
+    label_noise: sklearn only, this fraction of the train rows gets a uniformly drawn other label
+        (seeded by ``seed``; validation and test stay clean): fitting those rows hurts, the regime
+        where a label-preserving augmenter should help.
     test_fraction, seed: sklearn only, the stratified held-out split; val_fraction (of all rows)
         holds out a stratified "validation" split from the rest (for choosing hyperparameters);
         train_rows keeps a stratified subset of that many train rows (the few-row regime).
@@ -230,6 +237,7 @@ class DataConfig:
     image_root: str | None = None
     noise_std: float = 0.0
     shift_std: float = 0.0
+    label_noise: float = 0.0
     test_fraction: float = 0.3
     val_fraction: float = 0.0
     train_rows: int | None = None
@@ -247,6 +255,7 @@ class DataConfig:
             )
         _at_least(f"{where}.noise_std", self.noise_std, 0.0)
         _at_least(f"{where}.shift_std", self.shift_std, 0.0)
+        _in_range(f"{where}.label_noise", self.label_noise, 0.0, 1.0)
         _in_range(f"{where}.test_fraction", self.test_fraction, 0.0, 1.0, low_open=True, high_open=True)
         _in_range(f"{where}.val_fraction", self.val_fraction, 0.0, 1.0 - self.test_fraction, high_open=True)
         if self.train_rows is not None:

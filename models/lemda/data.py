@@ -191,6 +191,8 @@ def _sklearn(cfg: DataConfig, split: str) -> ColumnTable:
         x_train, _, y_train, _ = train_test_split(
             x_train, y_train, train_size=cfg.train_rows, stratify=y_train, random_state=cfg.seed
         )
+    if cfg.label_noise > 0:
+        y_train = _flip_labels(y_train, cfg.label_noise, int(y.max()) + 1, np.random.default_rng(cfg.seed))
     parts[cfg.train_split] = (x_train, y_train)
     x, y = parts[split]
     noise = cfg.noise_std + (cfg.shift_std if split != cfg.train_split else 0.0)
@@ -200,6 +202,15 @@ def _sklearn(cfg: DataConfig, split: str) -> ColumnTable:
     columns: dict[str, list[Any]] = {f"f{j}": x[:, j].tolist() for j in range(x.shape[1])}
     columns["label"] = [int(v) for v in y]
     return ColumnTable(columns, f"sklearn {cfg.name}[{split}]")
+
+
+def _flip_labels(y: Any, fraction: float, classes: int, rng: Any) -> Any:
+    """``round(fraction * len(y))`` rows, drawn without replacement, get another class drawn
+    uniformly (symmetric label noise on the training rows only)."""
+    y = y.copy()
+    rows = rng.choice(len(y), size=round(fraction * len(y)), replace=False)
+    y[rows] = (y[rows] + rng.integers(1, classes, size=len(rows))) % classes
+    return y
 
 
 def as_float(value: Any) -> float:

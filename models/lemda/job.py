@@ -62,6 +62,9 @@ def build_model(cfg: JobConfig, featurizer: Featurizer, topology: Topology) -> L
     classifier = LateFusionClassifier(
         encoders, featurizer.num_classes, fusion.hidden, adapter, fusion.activation, fusion.dropout
     )
+    if cfg.lemda.freeze_encoders:
+        for part in (classifier.encoders, classifier.adapters):
+            part.requires_grad_(False)
     return LeMDA(classifier, cfg.lemda)
 
 

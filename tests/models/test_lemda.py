@@ -380,6 +380,10 @@ def test_hf_jsonl_and_wine_loaders(tmp_path):
     shifted = {name: load_split(DataConfig(**{**vars(digits), "shift_std": 1.0}), name) for name in splits}
     assert shifted["train"].column("f20") == splits["train"].column("f20")
     assert shifted["test"].column("f20") != splits["test"].column("f20")
+    noisy = {name: load_split(DataConfig(**{**vars(digits), "label_noise": 0.3}), name) for name in splits}
+    flipped = np.array(noisy["train"].column("label")) != np.array(splits["train"].column("label"))
+    assert flipped.sum() == 15 and noisy["train"].column("f20") == splits["train"].column("f20")
+    assert noisy["test"].column("label") == splits["test"].column("label")
     with pytest.raises(KeyError, match="validation"):
         load_split(wine, VALIDATION)  # only with val_fraction > 0
 
@@ -423,6 +427,13 @@ def test_configs_load_and_bad_configs_name_the_field():
         build_model(bert_moe, featurizer, Topology(1, 1))
     with pytest.raises(ConfigError, match="model.encoders must list at least one encoder"):
         load_config(JobConfig, None, [])
+    with pytest.raises(ConfigError, match=r"data\.label_noise must be in"):
+        load_job_config("digits_fewshot", ["data.label_noise=1.5"])
+    frozen = load_job_config("wine_tiny", ["lemda.freeze_encoders=true"])
+    table = load_split(frozen.data, "train")
+    model = build_model(frozen, Featurizer(frozen.model.encoders, table, "label", None), Topology(1, 1))
+    for name, param in model.named_parameters():  # h and G train, the encoders and adapters do not
+        assert param.requires_grad == name.startswith(("classifier.task.", "augmenter.")), name
 
 
 # ---------------------------------------------------------------------------------------------

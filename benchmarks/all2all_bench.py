@@ -30,6 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from smile.moe.config import COUNT_EXCHANGES
 from smile.moe.exchange import FlatExchange, HierarchicalExchange
 from smile.sim.cluster import report_layout, run_ranks
 
@@ -96,7 +97,11 @@ def all2all_worker(topo, cfg: dict) -> dict:
     dtype = getattr(torch, cfg["dtype"])
     w = topo.ep_size
     row_bytes = cfg["hidden"] * torch.finfo(dtype).bits // 8
-    dispatchers = {"flat": FlatExchange(topo, w), "hierarchical": HierarchicalExchange(topo, w)}
+    counting = {"count_exchange": cfg["count_exchange"]}
+    dispatchers = {
+        "flat": FlatExchange(topo, w, **counting),
+        "hierarchical": HierarchicalExchange(topo, w, **counting),
+    }
     gen = torch.Generator().manual_seed(1234 + topo.rank)
     table = []
     for size in cfg["sizes"]:
@@ -162,6 +167,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--hidden", type=int, default=256, help="elements per row")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--count-exchange",
+        default="per_hop",
+        choices=COUNT_EXCHANGES,
+        help="how two hops exchange row counts",
+    )
     parser.add_argument("--iters", type=int, default=10, help="timed iterations per size and kind (at most)")
     parser.add_argument(
         "--min-iters", type=int, default=3, help="timed iterations per size and kind (at least)"
@@ -176,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    cfg = {k: getattr(args, k) for k in ("hidden", "dtype", "iters", "min_iters", "warmup", "budget_s")}
+    keys = ("hidden", "dtype", "iters", "min_iters", "warmup", "budget_s", "count_exchange")
+    cfg = {k: getattr(args, k) for k in keys}
     cfg["sizes"] = [parse_size(s) for s in args.sizes.split(",")]
     load_start = os.getloadavg()
     per_rank = run_ranks(all2all_worker, args.nodes, args.gpus_per_node, cfg, timeout=3600)

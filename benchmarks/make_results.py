@@ -148,6 +148,15 @@ def load(path: Path) -> dict:
         return json.load(fh)
 
 
+def count_exchange_of(reports: list[dict]) -> str:
+    """The exchange the reports measured (``config.count_exchange``; runs from before the field
+    existed used one count exchange per hop), so that the model is fitted to what ran."""
+    modes = {r["config"].get("count_exchange", "per_hop") for r in reports}
+    if len(modes) != 1:
+        raise SystemExit(f"the reports mix count exchanges {sorted(modes)}: measure them again together")
+    return modes.pop()
+
+
 def measurements(reports: list[dict]) -> list[cm.Measurement]:
     out = []
     for rep in reports:
@@ -514,7 +523,7 @@ def sweep_section(a2a: list[dict], layers: list[dict], plot_path: Path) -> list[
     gpus = a2a[0]["config"]["gpus_per_node"]
     points = sweep_all2all_points(a2a)
     measured = sweep_measurements(points, gpus)
-    base = cm.emulated_spec(2, gpus, RATE_MBIT)
+    base = replace(cm.emulated_spec(2, gpus, RATE_MBIT), count_exchange=count_exchange_of(a2a))
     specs = holdout_specs(measured, base)
     nodes = sorted(specs)
     c, env = layers[0]["config"], a2a[0]["environment"]
@@ -1041,6 +1050,7 @@ def render(results: Path) -> tuple[str, cm.FitResult, dict]:
     moe_path = results / "moe_layer_emulated_4x2.json"
     moe = load(moe_path) if moe_path.exists() else None
     base = cm.emulated_spec(a2a[0]["config"]["nodes"], a2a[0]["config"]["gpus_per_node"], RATE_MBIT)
+    base = replace(base, count_exchange=count_exchange_of(a2a))
     fit = cm.fit_all2all(measurements(a2a), base)
     cm.plot_fit(fit, str(results / "cost_model_fit.png"))
     workload = cm.MoEWorkload()

@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch import nn
 
 from smile.moe import MoELayer
-from smile.moe.config import AUTO_CHUNKS
+from smile.moe.config import AUTO_CHUNKS, COUNT_EXCHANGES
 from smile.sim.cluster import report_layout, run_ranks
 
 VARIANTS = ("switch+flat", "switch+hierarchical", "smile", "deepspeed")
@@ -80,7 +80,12 @@ def layer_options(name: str, cfg: dict) -> dict:
             f"{' or '.join(ROUTERS)} and distinct levers from {', '.join(LEVERS)} "
             "(bf16 or fp8, flat or hierarchical, not both)"
         )
-    options = {"capacity_factor": cfg["capacity_factor"], "chunks": 1, **ROUTERS[base]}
+    options = {
+        "capacity_factor": cfg["capacity_factor"],
+        "chunks": 1,
+        "count_exchange": cfg["count_exchange"],
+    }
+    options.update(ROUTERS[base])
     for lever in levers:
         options.update(LEVERS[lever])
     if "pipelined" in levers:
@@ -281,6 +286,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(VARIANTS),
         help=f"comma separated: {', '.join(VARIANTS)}, or smile+<lever>... with levers {', '.join(LEVERS)}",
     )
+    parser.add_argument(
+        "--count-exchange",
+        default="per_hop",
+        choices=COUNT_EXCHANGES,
+        help="how two hops exchange row counts",
+    )
     parser.add_argument("--out", help="write the JSON report here")
 
 
@@ -297,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             "experts_per_rank",
             "capacity_factor",
             "chunks",
+            "count_exchange",
             "iters",
             "warmup",
         )

@@ -131,3 +131,20 @@ def run_distributed(
             if p.is_alive():
                 p.kill()
     return [collected[r] for r in range(world)]
+
+
+PROCESS_GROUP_VARIABLES = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+)
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    """This process's environment for a child ``smile`` command, without the variables of a
+    process group this process may have started (the child would try to bind its port)."""
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARIABLES}
+    return env | overrides

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 ROUTERS = ("switch", "topk", "bilevel")
 DISPATCHERS = ("auto", "flat", "hierarchical", "local")
+COUNT_EXCHANGES = ("per_hop", "per_call")
 ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 GEMMS = ("auto", "grouped_mm", "bmm", "triton")
@@ -59,6 +60,9 @@ class MoEConfig:
         multiplicative input jitter in [0, 1) while training; check_finite: stop on NaN/Inf
         router logits (checked on the device on GPUs).
     dispatcher: "auto", "flat", "hierarchical" or "local".
+    count_exchange: how the two-hop dispatcher exchanges row counts: "per_hop" (each hop in its
+        own group: the fewest messages, for clusters) or "per_call" (one call over the EP group:
+        the fewest calls, for a few CPU ranks on gloo); see :mod:`smile.moe.exchange`.
     activation: "auto", "gelu", "relu", "swiglu" or "geglu".
     backend: dispatch kernels ("auto": cuda > triton > torch on GPU); gemm: expert GEMMs.
     dispatch_payload ("exact", "bf16", "fp8") / combine_payload ("exact", "bf16"): wire formats.
@@ -80,6 +84,7 @@ class MoEConfig:
     jitter_eps: float = 0.0
     check_finite: bool = True
     dispatcher: Literal["auto", "flat", "hierarchical", "local"] = "auto"
+    count_exchange: Literal["per_hop", "per_call"] = "per_hop"
     activation: Literal["auto", "gelu", "relu", "swiglu", "geglu"] = "auto"
     backend: Literal["auto", "torch", "triton", "cuda"] = "auto"
     gemm: Literal["auto", "grouped_mm", "bmm", "triton"] = "auto"
@@ -114,6 +119,7 @@ class MoEConfig:
         for name, allowed in (
             ("router", ROUTERS),
             ("dispatcher", DISPATCHERS),
+            ("count_exchange", COUNT_EXCHANGES),
             ("activation", ("auto", *ACTIVATIONS)),
             ("backend", BACKENDS),
             ("gemm", GEMMS),

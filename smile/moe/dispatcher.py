@@ -61,6 +61,7 @@ class TokenDispatcher:
             config.num_experts,
             get_codec(config.dispatch_payload),
             get_codec(config.combine_payload),
+            config.count_exchange,
         )
         self.num_local = self.exchange.num_local
         self.backend_name = config.backend

@@ -19,14 +19,19 @@ exchange size exists, and an All2All with uneven splits (gloo's included) needs 
 and its receive splits before it starts. The counts therefore cannot ride in a header of the
 payload they size (the receiver would have to know the header's payload size to post the
 receive), and padding every message to a bound would send capacity padding (and dropless
-routing has no bound). What is legal, and done here, is one small count All2All per layer call,
-covering every chunk and every hop, started asynchronously by :meth:`Exchange.start_routes` as
-soon as the counts exist so it overlaps the permute copy. The hierarchical exchange sends each
-EP peer this rank's counts for every expert on that peer's node in one call over the EP group:
-from these each rank derives both hops' splits, so the two-hop dispatch pays one count call,
-not one per hop (with (N-1)(G-1) more tiny messages in that call than two per-hop calls would
-send, which is cheaper than a second collective and its wait wherever the fixed cost of a call
-dominates small messages, as on gloo). The pipelined layer (:mod:`smile.moe.pipeline`) drives
+routing has no bound). What is legal, and done here, is a small count All2All before the
+dispatch, started asynchronously by :meth:`Exchange.start_routes` as soon as the counts exist so
+it overlaps the permute copy, covering every chunk (combine and backward reuse its splits).
+The two-hop exchange has two ways to count (``count_exchange``):
+
+* ``per_hop`` (default): each hop counts within its own group, the inter-node counts first, then
+  the intra-node ones derived from them: two calls, (N-1) + (G-1) messages, the fewest messages,
+  which is what matters at scale, where a message's latency dominates (SMILE's point);
+* ``per_call``: one call over the EP group sends each peer this rank's counts for every expert on
+  that peer's node, from which each rank derives both hops' splits: one call, (N-1)G + (G-1)
+  messages, cheaper where the fixed cost of a call dominates (gloo on a few CPU ranks).
+
+The pipelined layer (:mod:`smile.moe.pipeline`) drives
 the hops asynchronously through :meth:`Hop.start`.
 """
 
@@ -40,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from smile.moe.config import COUNT_EXCHANGES
 from smile.moe.payload import ExactCodec, PayloadCodec
 from smile.moe.topology import Topology
 
@@ -248,15 +254,21 @@ class Exchange:
         num_experts: int,
         dispatch_codec: PayloadCodec = EXACT,
         combine_codec: PayloadCodec = EXACT,
+        count_exchange: str = "per_hop",
     ) -> None:
+        if count_exchange not in COUNT_EXCHANGES:
+            raise ValueError(
+                f"count_exchange {count_exchange!r} unknown; allowed: {', '.join(COUNT_EXCHANGES)}"
+            )
         self.dispatch_codec, self.combine_codec = dispatch_codec, combine_codec
+        self.count_exchange = count_exchange
         self.topology = topology
         self.num_experts = num_experts
         self.num_local = num_experts // topology.ep_size
 
     def start_routes(self, row_counts: torch.Tensor) -> PendingRoutes:
         """Start planning the routes of chunks whose permuted buffers hold ``row_counts[c, e]``
-        rows per expert: one count exchange for all chunks and hops, asynchronous, so the caller
+        rows per expert: the count exchange for all chunks, started asynchronously, so the caller
         can permute the rows meanwhile; ``wait()`` returns the routes."""
         raise NotImplementedError
 
@@ -307,24 +319,48 @@ class HierarchicalExchange(Exchange):
             return self._one_hop("inter", topo.group("inter"), row_counts)
         if n == 1:
             return self._one_hop("intra", topo.group("intra"), row_counts)
+        if self.count_exchange == "per_hop":
+            send1 = row_counts.view(-1, n, g, e).transpose(0, 1)  # [dest node, chunk, dest gpu, local expert]
+            return start_counts(
+                send1, topo.group("inter"), functools.partial(self._per_hop_routes, row_counts)
+            )
         chunks = row_counts.shape[0]
         # To EP rank (node m, gpu j): this rank's counts for every expert of node m.
         node_counts = row_counts.view(chunks, n, 1, g, e).expand(chunks, n, g, g, e)
         send = node_counts.permute(1, 2, 0, 3, 4).reshape(n * g, chunks, g, e)
-        return start_counts(send, topo.group("ep"), functools.partial(self._two_hop_routes, row_counts))
+        return start_counts(send, topo.group("ep"), functools.partial(self._one_call_routes, row_counts))
 
-    def _two_hop_routes(self, row_counts: torch.Tensor, received: torch.Tensor) -> list[Route]:
-        """Both hops' splits from ``received[s]``: EP rank s's counts for this node's experts."""
-        topo = self.topology
-        n, g, e, me = topo.ep_nodes, topo.gpus_per_node, self.num_local, topo.local_rank
-        inter, intra = topo.group("inter"), topo.group("intra")
+    def _per_hop_routes(self, row_counts: torch.Tensor, recv1: torch.Tensor) -> list[Route]:
+        """Hop 2's counts from hop 1's (``recv1``: [src node, chunk, dest gpu, local expert])."""
+        send2 = recv1.permute(2, 1, 0, 3)  # [dest gpu, chunk, src node, local expert]
+        recv2 = start_counts(send2, self.topology.group("intra"), lambda counts: counts).wait()
+        return self._two_hop_routes(row_counts, recv1, recv2)
+
+    def _one_call_routes(self, row_counts: torch.Tensor, received: torch.Tensor) -> list[Route]:
+        """Both hops' counts from ``received[s]``: EP rank s's counts for this node's experts."""
+        n, g, e, me = (
+            self.topology.ep_nodes,
+            self.topology.gpus_per_node,
+            self.num_local,
+            self.topology.local_rank,
+        )
         counts = received.view(n, g, -1, g, e)  # [src node, src gpu, chunk, dest gpu, local expert]
-        send1 = row_counts.view(-1, n, g, e).transpose(0, 1)  # [dest node, chunk, dest gpu, local expert]
         # Hop 1 brings this rank what the ranks of its local rank on every node send to this node.
         recv1 = counts[:, me]  # [src node, chunk, dest gpu, local expert]
-        send2 = recv1.permute(2, 1, 0, 3)  # [dest gpu, chunk, src node, local expert]
         # Hop 2 brings this rank what every EP rank sends to its own experts, via node-mate src gpu.
         recv2 = counts[:, :, :, me].permute(1, 2, 0, 3)  # [src gpu, chunk, src node, local expert]
+        return self._two_hop_routes(row_counts, recv1, recv2)
+
+    def _two_hop_routes(
+        self, row_counts: torch.Tensor, recv1: torch.Tensor, recv2: torch.Tensor
+    ) -> list[Route]:
+        """Routes of both hops: ``recv1`` [src node, chunk, dest gpu, local expert] arrive by hop 1,
+        ``recv2`` [src gpu, chunk, src node, local expert] by hop 2."""
+        topo = self.topology
+        n, g, e = topo.ep_nodes, topo.gpus_per_node, self.num_local
+        inter, intra = topo.group("inter"), topo.group("intra")
+        send1 = row_counts.view(-1, n, g, e).transpose(0, 1)  # [dest node, chunk, dest gpu, local expert]
+        send2 = recv1.permute(2, 1, 0, 3)  # [dest gpu, chunk, src node, local expert]
         routes = []
         sizes = zip(_sizes(send1), _sizes(recv1), _sizes(send2), _sizes(recv2))
         for c, (send1_rows, recv1_rows, send2_rows, recv2_rows) in enumerate(sizes):

@@ -6,11 +6,18 @@ credible as its fit to those measurements, which :func:`fit_all2all` reports.
 
 It follows :mod:`smile.moe.exchange` exactly, per rank sending ``m`` bytes spread evenly over all ranks:
 
-* flat: a count exchange, then one All2All over W = N*G ranks: (N-1)*G inter-node peers and
-  G-1 intra-node peers; a node's uplink carries ``G * m * (N-1)/N`` bytes; one regroup copy.
+* flat: one All2All over W = N*G ranks: (N-1)*G inter-node peers and G-1 intra-node peers; a
+  node's uplink carries ``G * m * (N-1)/N`` bytes; one regroup copy.
 * hierarchical: hop 1 among the N ranks sharing a local rank (N-1 inter-node peers, the same
   uplink bytes), a regroup copy, hop 2 among the G ranks of a node (G-1 intra-node peers,
-  ``m*(G-1)/G`` bytes), another copy; each hop starts with its own count exchange.
+  ``m*(G-1)/G`` bytes), another copy. With N=1 or G=1 one hop is free and left out: flat.
+* counts (``ClusterSpec.count_exchange``, ``MoEConfig.count_exchange``), exchanged once per layer
+  call before the dispatch (combine and backward reuse the splits): "per_hop" (the default) makes
+  one count call per hop in that hop's group ((N-1) + (G-1) messages for two hops); "per_call"
+  makes one call over all W ranks ((N-1)G + G-1 messages). Flat makes one call either way. Runs
+  from before 2026-12-06 (RESULTS.md's first emulated runs) used per_hop but also cloned the
+  buffer for a hop over a one-rank group, which the exchange now leaves out; they are modelled as
+  per_hop. Benchmark JSON records the mode (``config.count_exchange``; absent: per_hop).
 
 A hop costs ``collective_overhead + peers * latency + bytes / bandwidth`` per tier; the two tiers
 of one flat collective overlap when ``overlap_tiers`` (NCCL on NVLink + NIC) and add up
@@ -28,6 +35,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 
 DISPATCH_KINDS = ("flat", "hierarchical")
+COUNT_EXCHANGES = ("per_hop", "per_call")  # the choices of smile.moe.MoEConfig.count_exchange
 LAYER_KINDS = ("switch", "smile")
 GB = 1e9
 
@@ -47,6 +55,7 @@ class ClusterSpec:
     copy_bandwidth: float  # bytes/s of output of a local row gather (regroup, permute)
     flops: float  # achieved FLOP/s per GPU on the layer's matmuls
     overlap_tiers: bool = True
+    count_exchange: str = "per_hop"  # how two hops exchange row counts (module docstring)
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node"):
@@ -61,6 +70,11 @@ class ClusterSpec:
         for name in ("inter_latency", "intra_latency", "collective_overhead"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"ClusterSpec.{name} must be >= 0 seconds, got {getattr(self, name)!r}")
+        if self.count_exchange not in COUNT_EXCHANGES:
+            allowed = ", ".join(COUNT_EXCHANGES)
+            raise ValueError(
+                f"ClusterSpec.count_exchange must be one of {allowed}, got {self.count_exchange!r}"
+            )
 
     @property
     def world(self) -> int:
@@ -181,26 +195,31 @@ class Hop:
     intra_bytes: float
 
 
-def plan_hops(kind: str, nodes: int, gpus: int, size: float) -> tuple[list[Hop], float]:
-    """Collectives (count exchanges included) and local copy bytes of one dispatch, ``size`` bytes/rank."""
+def plan_hops(
+    kind: str, nodes: int, gpus: int, size: float, count_exchange: str = "per_hop", counts: bool = True
+) -> tuple[list[Hop], float]:
+    """Collectives and local copy bytes of one dispatch of ``size`` bytes/rank; ``counts=False``
+    leaves the count exchange out (a combine, or a backward, reuses the dispatch's splits)."""
     n, g = nodes, gpus
-    if kind == "flat":
-        hops = [((n - 1) * g, g - 1, g * size * (n - 1) / n, size * (g - 1) / (n * g))]
-    elif kind == "hierarchical":
-        hops = [(n - 1, 0, g * size * (n - 1) / n, 0.0), (0, g - 1, 0.0, size * (g - 1) / g)]
-    else:
+    if kind not in DISPATCH_KINDS:
         raise ValueError(f"dispatch kind {kind!r} unknown; allowed: {', '.join(DISPATCH_KINDS)}")
-    plan, copy_bytes = [], 0.0
+    if count_exchange not in COUNT_EXCHANGES:
+        raise ValueError(f"count_exchange {count_exchange!r} unknown; allowed: {', '.join(COUNT_EXCHANGES)}")
+    if n * g == 1:
+        return [], size  # one EP rank: a local copy, no collective
+    flat = ((n - 1) * g, g - 1, g * size * (n - 1) / n, size * (g - 1) / (n * g))
+    if kind == "flat" or n == 1 or g == 1:  # a hop over a one-rank group is left out: flat
+        hops = [flat]
+    else:
+        hops = [(n - 1, 0, g * size * (n - 1) / n, 0.0), (0, g - 1, 0.0, size * (g - 1) / g)]
+    plan = []
+    if counts and (count_exchange == "per_call" or len(hops) == 1):
+        plan.append(Hop(flat[0], flat[1], 0.0, 0.0))  # one count call over the EP group
     for inter_peers, intra_peers, inter_bytes, intra_bytes in hops:
-        copy_bytes += size  # the regroup after every hop
-        if inter_peers + intra_peers == 0:
-            copy_bytes += size  # a group of one clones the buffer instead of exchanging it
-            continue
-        plan += [
-            Hop(inter_peers, intra_peers, 0.0, 0.0),
-            Hop(inter_peers, intra_peers, inter_bytes, intra_bytes),
-        ]
-    return plan, copy_bytes
+        if counts and count_exchange == "per_hop" and len(hops) == 2:
+            plan.append(Hop(inter_peers, intra_peers, 0.0, 0.0))  # the hop's own count call
+        plan.append(Hop(inter_peers, intra_peers, inter_bytes, intra_bytes))
+    return plan, size * len(hops)  # a regroup copy after every hop
 
 
 def _hop_time(spec: ClusterSpec, hop: Hop) -> float:
@@ -209,9 +228,10 @@ def _hop_time(spec: ClusterSpec, hop: Hop) -> float:
     return spec.collective_overhead + (max(inter, intra) if spec.overlap_tiers else inter + intra)
 
 
-def all2all_time(spec: ClusterSpec, kind: str, size: float) -> float:
-    """Seconds for one dispatch (or combine) of ``size`` bytes per rank over the whole cluster."""
-    hops, copy_bytes = plan_hops(kind, spec.nodes, spec.gpus_per_node, size)
+def all2all_time(spec: ClusterSpec, kind: str, size: float, counts: bool = True) -> float:
+    """Seconds for one dispatch of ``size`` bytes per rank over the whole cluster (``counts=False``:
+    a combine or a backward, which reuse the dispatch's splits)."""
+    hops, copy_bytes = plan_hops(kind, spec.nodes, spec.gpus_per_node, size, spec.count_exchange, counts)
     return sum(_hop_time(spec, hop) for hop in hops) + copy_bytes / spec.copy_bandwidth
 
 
@@ -248,8 +268,8 @@ def layer_step(
 
     switch = top-1 router over all E experts + flat dispatch; smile = bi-level router over N
     nodes and G*e experts per node + hierarchical dispatch (``dispatch`` overrides the pairing).
-    Four All2Alls per step (dispatch and combine, forward and backward); matmuls cost 3x their
-    forward FLOPs; nothing overlaps.
+    Four All2Alls per step (dispatch and combine, forward and backward), counts exchanged once;
+    matmuls cost 3x their forward FLOPs; nothing overlaps.
     """
     if kind not in LAYER_KINDS:
         raise ValueError(f"layer kind {kind!r} unknown; allowed: {', '.join(LAYER_KINDS)}")
@@ -263,7 +283,7 @@ def layer_step(
         "router": 3 * 2 * w.tokens_per_gpu * w.d_model * router_outputs / spec.flops,
         "experts": 3 * 2 * 2 * rows * w.d_model * w.d_ff / spec.flops,
         "permute": 4 * size / spec.copy_bandwidth,
-        "all2all": 4 * all2all_time(spec, dispatch, size),
+        "all2all": all2all_time(spec, dispatch, size) + 3 * all2all_time(spec, dispatch, size, counts=False),
     }
     terms["total"] = sum(terms.values())
     return terms
@@ -474,9 +494,9 @@ FIT_PARAMS = ("collective_overhead", "inter_latency", "intra_latency", "1/inter_
               "1/intra_bandwidth", "1/copy_bandwidth")  # fmt: skip
 
 
-def features(m: Measurement) -> np.ndarray:
+def features(m: Measurement, count_exchange: str = "per_hop") -> np.ndarray:
     """Coefficients of FIT_PARAMS in the time of ``m`` (tiers added, as with overlap_tiers=False)."""
-    hops, copy_bytes = plan_hops(m.kind, m.nodes, m.gpus_per_node, m.size)
+    hops, copy_bytes = plan_hops(m.kind, m.nodes, m.gpus_per_node, m.size, count_exchange)
     row = np.array([0, 0, 0, 0, 0, copy_bytes], dtype=float)
     for hop in hops:
         row += [1, hop.inter_peers, hop.intra_peers, hop.inter_bytes, hop.intra_bytes, 0]
@@ -526,8 +546,8 @@ class FitResult:
         return sorted({s for s, _ in points} - {s for s, e in points if not e <= tolerance})
 
 
-def _solve(measurements: Sequence[Measurement], inter_cap: float | None) -> np.ndarray:
-    a = np.stack([features(m) for m in measurements])
+def _solve(measurements: Sequence[Measurement], inter_cap: float | None, count_exchange: str) -> np.ndarray:
+    a = np.stack([features(m, count_exchange) for m in measurements])
     t = np.array([m.seconds for m in measurements])
     floor = np.zeros(len(FIT_PARAMS))
     if inter_cap is not None:  # 1/inter_bandwidth = 1/cap + q with q >= 0
@@ -565,7 +585,8 @@ def fit_all2all(
 ) -> FitResult:
     """Fit latencies, overheads and inverse bandwidths (non-negative, relative least squares).
 
-    ``base`` supplies what All2All timings cannot (name, FLOP/s) and, with
+    ``base`` supplies what All2All timings cannot (name, FLOP/s, the ``count_exchange`` the
+    measurements were taken with) and, with
     ``cap_inter_bandwidth``, the uplink rate the fit may not exceed (a shaped link cannot go
     faster than its shaper; without the cap, collinear byte terms can trade against each other).
     Hold-out errors refit without each message size in turn and predict it: the honest measure
@@ -580,12 +601,12 @@ def fit_all2all(
         if not (m.seconds > 0 and m.size > 0):
             raise ValueError(f"Measurement needs seconds > 0 and size > 0, got {m}")
     cap = base.inter_bandwidth if cap_inter_bandwidth else None
-    spec = _to_spec(base, _solve(measurements, cap))
+    spec = _to_spec(base, _solve(measurements, cap, base.count_exchange))
     errors = [_relative_error(spec, m) for m in measurements]
     holdout = []
     for m in measurements:
         rest = [o for o in measurements if o.size != m.size]
-        fitted = _to_spec(base, _solve(rest, cap)) if len(rest) >= 2 else None
+        fitted = _to_spec(base, _solve(rest, cap, base.count_exchange)) if len(rest) >= 2 else None
         holdout.append(_relative_error(fitted, m) if fitted else math.nan)
     return FitResult(spec, measurements, errors, holdout)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +14,14 @@ import pytest
 from smile.models import cli as zoo_cli
 from smile.models import registry
 from smile.models.registry import ZooError, ZooMethod
+from smile.testing import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("lemda", "peft_design_spaces", "trap_replace")
 
 
 def _smile(*argv: str, **env_vars: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "SMILE_DEBUG"} | env_vars
+    env = {k: v for k, v in child_env(**env_vars).items() if k != "SMILE_DEBUG"}
     return subprocess.run(
         [sys.executable, "-m", "smile.cli", *argv],
         cwd=ROOT,

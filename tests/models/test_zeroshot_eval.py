@@ -35,7 +35,7 @@ from smile.models.zeroshot_eval import (
 from smile.models.zeroshot_eval import parsers as P
 from smile.models.zeroshot_eval.metrics import rouge_scores
 from smile.models.zeroshot_eval.report import format_table
-from smile.testing import run_distributed
+from smile.testing import child_env, run_distributed
 
 DATA = Path(__file__).parents[1] / "fixtures" / "zeroshot_eval" / "data"
 
@@ -318,7 +318,6 @@ def test_two_ranks_equal_one_rank_and_resume_skips_finished_examples(models_dir,
 def test_nproc_runs_the_cli_on_two_torchrun_workers_like_one_process(models_dir, tmp_path, capsys):
     """``--nproc 2`` starts two workers through the runtime's launcher (torchrun's agent): the
     examples are sharded and gathered back, and the result files equal those of one process."""
-    import os
     import subprocess
     import sys
 
@@ -330,7 +329,7 @@ def test_nproc_runs_the_cli_on_two_torchrun_workers_like_one_process(models_dir,
     one_dir = f"out_dir={tmp_path / 'one'}"
     code, _, err = _smile("zoo", "zeroshot_eval", "eval", "--config", str(config), one_dir, capsys=capsys)
     assert code == 0, err
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     argv = [
         "zoo",
         "zeroshot_eval",

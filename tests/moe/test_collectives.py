@@ -1,8 +1,10 @@
-"""Collective calls per dispatch: one count call per layer call, none for a hop that is free.
+"""Collective calls per dispatch: the counts once per layer call (per hop, or in one call), none
+for a hop that is free.
 
 Every ``torch.distributed`` collective is wrapped while a layer runs forward and backward, on
 2 nodes x 2 ranks and on the expert-parallel layouts 1 x 2 (one node: the inter-node hop is free)
-and 2 x 1 (one rank per node: the intra-node hop is free), flat and two-hop, 1 and 3 chunks.
+and 2 x 1 (one rank per node: the intra-node hop is free), flat and two-hop (both count
+exchanges on 2 x 2), 1 and 3 chunks.
 """
 
 from __future__ import annotations
@@ -55,11 +57,14 @@ def recorded_collectives() -> Iterator[list[tuple[str, int, bool]]]:
             setattr(dist, name, original)
 
 
-def _layer_calls(topology: Topology, dispatcher: str, chunks: int) -> dict:
+def _layer_calls(topology: Topology, dispatcher: str, chunks: int, count_exchange: str = "per_hop") -> dict:
     """Collective calls of one forward and one backward, the route's hops (label, ranks, whether
     the rows are regrouped on arrival), and the output and gradients."""
     torch.manual_seed(0)
-    layer = MoELayer(16, 32, 2 * topology.ep_size, topology=topology, dispatcher=dispatcher, chunks=chunks)
+    layer = MoELayer(
+        16, 32, 2 * topology.ep_size, topology=topology, dispatcher=dispatcher, chunks=chunks,
+        count_exchange=count_exchange,
+    )  # fmt: skip
     gen = torch.Generator().manual_seed(7 + topology.rank)
     x = torch.randn(30, 16, generator=gen, requires_grad=True)
     with recorded_collectives() as forward:
@@ -92,6 +97,11 @@ def _collectives(topo: Topology) -> dict:
             same = all(torch.equal(a, b) for a, b in zip(flat.pop("results"), hier.pop("results")))
             report[name, "flat", chunks] = flat
             report[name, "hierarchical", chunks] = {**hier, "same_as_flat": same}
+            if name == "2x2":
+                one_call = _layer_calls(layout, "hierarchical", chunks, "per_call")
+                same = all(torch.equal(a, b) for a, b in zip(_layer_calls(layout, "flat", chunks)["results"],
+                                                             one_call.pop("results")))  # fmt: skip
+                report[name, "hierarchical/per_call", chunks] = {**one_call, "same_as_flat": same}
     return report
 
 
@@ -106,12 +116,16 @@ def test_collective_calls_per_dispatch(reports):
     for rank, report in enumerate(reports):
         for (layout, dispatcher, chunks), got in report.items():
             where = f"rank {rank} {layout} {dispatcher} chunks={chunks}"
-            hops = 2 if dispatcher == "hierarchical" and layout == "2x2" else 1
+            hops = 2 if dispatcher.startswith("hierarchical") and layout == "2x2" else 1
             assert len(got["hops"]) == hops, where
-            # Forward: one count call (integers, every chunk and hop at once) over the EP group,
-            # then each chunk's payload through every hop, toward the experts and back.
+            # Forward: the count exchange (integers, every chunk at once): one call over the EP
+            # group, or with two hops per_hop one per hop in its own group; then each chunk's
+            # payload through every hop, toward the experts and back.
             counts = [call for call in got["forward"] if not call[2]]
-            assert counts == [("all_to_all_single", 2 if layout != "2x2" else 4, False)], where
+            expected = [("all_to_all_single", 2 if layout != "2x2" else 4, False)]
+            if dispatcher == "hierarchical" and layout == "2x2":
+                expected = [("all_to_all_single", 2, False)] * 2
+            assert counts == expected, where
             payload = [call for call in got["forward"] if call[2]]
             assert len(payload) == 2 * hops * chunks, where
             assert all(name == "all_to_all_single" for name, _, _ in payload), where
@@ -120,6 +134,14 @@ def test_collective_calls_per_dispatch(reports):
             assert all(moved for _, _, moved in got["backward"]), where
             # No collective is ever made over a group of one rank.
             assert all(size > 1 for _, size, _ in got["forward"] + got["backward"]), where
+
+
+@pytest.mark.slow
+def test_both_count_exchanges_deliver_what_flat_delivers(reports):
+    for rank, report in enumerate(reports):
+        for name in ("hierarchical", "hierarchical/per_call"):
+            for chunks in (1, 3):
+                assert report["2x2", name, chunks]["same_as_flat"], f"rank {rank} {name} chunks={chunks}"
 
 
 @pytest.mark.slow

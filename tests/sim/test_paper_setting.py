@@ -104,7 +104,8 @@ def test_every_preset_parameter_cites_a_source():
     source = inspect.getsource(cm)
     block = source[source.index("PRESETS: dict") : source.index("def preset(")]
     lines = block.splitlines()
-    cited = {f.name for f in fields(cm.ClusterSpec)} - {"name", "nodes", "gpus_per_node", "overlap_tiers"}
+    structural = {"name", "nodes", "gpus_per_node", "overlap_tiers", "count_exchange"}  # not measured figures
+    cited = {f.name for f in fields(cm.ClusterSpec)} - structural
     for i, line in enumerate(lines):
         found = re.match(r"\s+(\w+)=", line)
         if found and found.group(1) in cited:

@@ -51,9 +51,24 @@ def test_hops_follow_the_dispatchers():
     assert sum(h.inter_bytes for h in flat) == pytest.approx(g * m * (n - 1) / n)
     assert sum(h.intra_bytes for h in hier) == pytest.approx(m * (g - 1) / g)
     assert (flat_copy, hier_copy) == (m, 2 * m)
-    # a group of one clones the buffer instead of exchanging: no collective
+    # a hop over a group of one is left out: one node is the flat exchange
     one_node, copies = cm.plan_hops("hierarchical", 1, 8, m)
-    assert [(h.inter_peers, h.intra_peers) for h in one_node] == [(0, 7), (0, 7)] and copies == 3 * m
+    assert one_node == cm.plan_hops("flat", 1, 8, m)[0] and copies == m
+    # per_call: one count call over all W ranks, then the two data hops
+    one_call, _ = cm.plan_hops("hierarchical", n, g, m, "per_call")
+    assert [(h.inter_peers, h.intra_peers) for h in one_call] == [(24, 7), (3, 0), (0, 7)]
+    # a combine or a backward reuses the dispatch's counts
+    assert [
+        (h.inter_peers, h.intra_peers) for h in cm.plan_hops("hierarchical", n, g, m, counts=False)[0]
+    ] == [
+        (3, 0),
+        (0, 7),
+    ]
+    with pytest.raises(ValueError, match="count_exchange 'both' unknown; allowed: per_hop, per_call"):
+        cm.plan_hops("flat", n, g, m, "both")
+    from smile.moe.config import COUNT_EXCHANGES
+
+    assert cm.COUNT_EXCHANGES == COUNT_EXCHANGES
 
 
 def test_bandwidth_bound_flat_and_hierarchical_cost_the_same():
@@ -65,10 +80,10 @@ def test_bandwidth_bound_flat_and_hierarchical_cost_the_same():
         assert flat == pytest.approx(hier) == pytest.approx(2 * size * 3 / 4 / 20e6)
 
 
-def test_hierarchical_loses_on_one_node_and_wins_at_scale():
+def test_hierarchical_is_flat_on_one_node_and_wins_at_scale():
     spec = cm.preset("a100-efa")
     size = 16 * 2**20
-    assert cm.all2all_time(spec.with_nodes(1), "hierarchical", size) > cm.all2all_time(
+    assert cm.all2all_time(spec.with_nodes(1), "hierarchical", size) == cm.all2all_time(
         spec.with_nodes(1), "flat", size
     )
     big = spec.with_nodes(128)
@@ -111,7 +126,10 @@ def test_calibrated_flops_reproduce_the_step_and_only_the_matmul_rate_moves():
         cm.layer_step(true, w, "smile")["total"]
     )
     hier = cm.layer_step(calibrated, w, "switch", dispatch="hierarchical")
-    assert hier["all2all"] == pytest.approx(4 * cm.all2all_time(true, "hierarchical", 2048 * 512 * 4))
+    size = 2048 * 512 * 4  # counts exchanged once; combine and backward reuse them
+    dispatch = cm.all2all_time(true, "hierarchical", size)
+    reuse = cm.all2all_time(true, "hierarchical", size, counts=False)
+    assert reuse < dispatch and hier["all2all"] == pytest.approx(dispatch + 3 * reuse)
     with pytest.raises(ValueError, match="not above the model's communication"):
         cm.calibrate_flops(true, w, "switch", 1e-3)
 
@@ -323,10 +341,10 @@ def _bench_worker(topo, a2a_cfg: dict, moe_cfg: dict) -> tuple[dict, dict]:
 @pytest.mark.slow
 def test_benchmarks_run_at_tiny_sizes(tmp_path):
     a2a_cfg = dict(sizes=[16 * 1024, 64 * 1024], hidden=16, dtype="float32", iters=2, min_iters=1, warmup=1)
-    a2a_cfg["budget_s"] = 5.0
+    a2a_cfg.update(budget_s=5.0, count_exchange="per_call")  # the layers below count per hop
     moe_cfg = dict(tokens=32, d_model=16, d_ff=16, experts_per_rank=1, capacity_factor=1.0, iters=1, warmup=1)
     levers = ["smile+dropless", "smile+pipelined+bf16", "switch+pipelined+bf16", "smile+flat+pipelined+fp8"]
-    moe_cfg.update(chunks=2, variants=[*moe_layer_bench.VARIANTS, *levers])
+    moe_cfg.update(chunks=2, count_exchange="per_hop", variants=[*moe_layer_bench.VARIANTS, *levers])
     start = time.monotonic()
     per_rank = run_distributed(_bench_worker, 2, 2, a2a_cfg, moe_cfg, timeout=300)
     a2a, moe = [r[0] for r in per_rank], [r[1] for r in per_rank]
@@ -356,13 +374,14 @@ def test_benchmarks_run_at_tiny_sizes(tmp_path):
 
 
 def test_layer_variant_names_compose_levers():
-    cfg = {"capacity_factor": 1.0, "chunks": 3}
+    cfg = {"capacity_factor": 1.0, "chunks": 3, "count_exchange": "per_call"}
     options = moe_layer_bench.layer_options("smile+flat+pipelined+fp8", cfg)
     assert options == {
         "router": "bilevel",
         "dispatcher": "flat",
         "capacity_factor": 1.0,
         "chunks": 3,
+        "count_exchange": "per_call",
         "dispatch_payload": "fp8",
         "combine_payload": "bf16",
     }

@@ -1,7 +1,8 @@
 """Every lever composes with every router and dispatcher.
 
 On 2 nodes x 2 ranks, for each router (switch, topk, bilevel) and capacity (1.0, dropless): the
-exact levers (the flat or two-hop exchange, 1 or 3 pipeline chunks) give bit-identical outputs and
+exact levers (the flat or two-hop exchange, its counts per hop or in one call, 1 or 3 pipeline
+chunks) give bit-identical outputs and
 gradients; the lossy payload levers (bf16, fp8) run with every router and dispatcher and stay
 close to the exact layer.
 """
@@ -19,6 +20,9 @@ from smile.testing import run_distributed
 ROUTERS = ("switch", "topk", "bilevel")
 CAPACITIES = (1.0, None)
 DISPATCHERS = ("flat", "hierarchical")
+# (dispatcher, chunks, count_exchange): the exact levers; counting in one call only changes two hops
+EXACT = [(d, c, "per_hop") for d in DISPATCHERS for c in (1, 3)]
+EXACT += [("hierarchical", c, "per_call") for c in (1, 3)]
 PAYLOADS = ({"dispatch_payload": "bf16", "combine_payload": "bf16"}, {"dispatch_payload": "fp8"})
 
 
@@ -39,10 +43,11 @@ def _levers(topology: Topology) -> dict[str, float]:
     for router, cf in itertools.product(ROUTERS, CAPACITIES):
         base = {"router": router, "capacity_factor": cf}
         reference = _forward_backward(topology, **base, dispatcher="flat", chunks=1)
-        for dispatcher, chunks in itertools.product(DISPATCHERS, (1, 3)):
-            got = _forward_backward(topology, **base, dispatcher=dispatcher, chunks=chunks)
+        for dispatcher, chunks, counts in EXACT:
+            options = {"dispatcher": dispatcher, "chunks": chunks, "count_exchange": counts}
+            got = _forward_backward(topology, **base, **options)
             exact = all(torch.equal(a, b) for a, b in zip(got, reference))
-            report[f"{router}/{cf}/{dispatcher}/chunks{chunks}"] = 0.0 if exact else float("inf")
+            report[f"{router}/{cf}/{dispatcher}/{counts}/chunks{chunks}"] = 0.0 if exact else float("inf")
         for dispatcher, payload in itertools.product(DISPATCHERS, PAYLOADS):
             got = _forward_backward(topology, **base, dispatcher=dispatcher, chunks=3, **payload)
             out, ref = got[0], reference[0]
@@ -56,7 +61,7 @@ def test_every_lever_composes_with_every_router_and_dispatcher():
     reports = run_distributed(_levers, 2, 2, timeout=300)
     for report in reports:
         exact = {k: v for k, v in report.items() if "chunks" in k}
-        assert len(exact) == len(ROUTERS) * len(CAPACITIES) * 4
+        assert len(exact) == len(ROUTERS) * len(CAPACITIES) * len(EXACT)
         assert all(v == 0.0 for v in exact.values()), [k for k, v in exact.items() if v]
         lossy = {k: v for k, v in report.items() if "chunks" not in k}
         assert len(lossy) == len(ROUTERS) * len(CAPACITIES) * 4

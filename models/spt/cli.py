@@ -1,9 +1,11 @@
-"""``smile zoo spt train|eval --config <yaml> [--setting multitask|glue2superglue] [--bank PATH]
+"""``smile zoo spt train|eval|pretrain --config <yaml> [--setting multitask|glue2superglue] [--bank PATH]
 [key.path=value ...]``.
 
 train  setting A: multitask prompted training (bank + LM); setting B: bank pretraining with the
        LM frozen, then fine-tuning from that bank
 eval   zero-shot rank classification (T0 protocol) on the training and held-out tasks
+pretrain  a random tiny T5 trained on the config's tasks, saved (save_pretrained) as
+       <run_dir>/backbone: the frozen LM of configs/tiny_frozen.yaml
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ METHOD = "spt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("train", "eval"), help="train the bank (and LM) or evaluate")
+    parser.add_argument("action", choices=("train", "eval", "pretrain"),
+                        help="train the bank (and LM), evaluate, or pretrain a tiny backbone")  # fmt: skip
     parser.add_argument(
         "--config",
         default=None,
@@ -32,13 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from smile.models.spt.config import JobConfig
-    from smile.models.spt.method import evaluate, train
+    from smile.models.spt.method import evaluate, pretrain, train
 
     overrides = list(args.overrides) + ([f"setting={args.setting}"] if args.setting else [])
     cfg = load_config(JobConfig, resolve_config(METHOD, args.config), overrides)
     if args.action == "eval":
         print(json.dumps(evaluate(cfg, args.bank)))
         return 0
-    result = train(cfg)
+    result = pretrain(cfg) if args.action == "pretrain" else train(cfg)
     print(json.dumps(result, default=str))
     return 0

@@ -23,15 +23,27 @@ TEMPLATES = {
     "copy": "copy the sequence :",
     "reverse": "reverse the sequence :",
     "first": "name the first symbol of :",
-    # held out: a template never seen in training, asking for a known skill (T0-style zero-shot)
+    # held out: templates never seen in training, asking for a known skill (T0-style zero-shot)
     "first_heldout": "which symbol comes first in :",
+    "copy_heldout": "copy all symbols :",
+    "reverse_heldout": "reverse all symbols :",
+    # the frozen backbone's pretraining (``smile zoo spt pretrain``): the same skills behind bare
+    # tags, so the pretrained LM knows the skills but has never read any template above
+    "copy_tag": "op1 :",
+    "reverse_tag": "op2 :",
+    "first_tag": "op3 :",
 }
 
 
+def skill(task: str) -> str:
+    """The skill a synthetic task asks for: copy, reverse or first (``copy_heldout`` -> copy)."""
+    return task.split("_")[0]
+
+
 def _synthetic_target(task: str, seq: list[str]) -> list[str]:
-    if task == "copy":
+    if skill(task) == "copy":
         return seq
-    if task == "reverse":
+    if skill(task) == "reverse":
         return seq[::-1]
     return seq[:1]
 
@@ -52,7 +64,7 @@ def synthetic_examples(task: str, count: int, cfg: DataConfig, seed: int) -> lis
         # positions' symbols), then random symbol strings of the target's length. With random
         # distractors alone, a model that knows the symbols but not the task (copy or reverse?)
         # still ranks the target first, so accuracy would not measure the task at all.
-        confusable = [seq, seq[::-1]] if task != "first" else [[s] for s in seq[1:]]
+        confusable = [seq, seq[::-1]] if skill(task) != "first" else [[s] for s in seq[1:]]
         choices = {target} | {" ".join(c) for c in confusable}
         while len(choices) < 4:
             choices.add(" ".join(rng.choice(symbols) for _ in target.split()))

@@ -19,7 +19,15 @@ import torch.distributed as dist
 from torch import nn
 
 from smile.models.spt.config import DataConfig, JobConfig
-from smile.models.spt.data import Batches, all_texts, collate, encode, load_task, word_tokenizer
+from smile.models.spt.data import (
+    TEMPLATES,
+    Batches,
+    all_texts,
+    collate,
+    encode,
+    load_task,
+    word_tokenizer,
+)
 from smile.models.spt.model import BANK_PARAMS, SPTModel
 from smile.models.spt.rank import rank_classify
 from smile.moe.layer import MoELayer
@@ -66,8 +74,13 @@ class Experiment:
     """One job's tokenizer and encoded data, prepared once; builds, trains and evaluates models."""
 
     def __init__(
-        self, job: JobConfig, topology: Topology | None = None, data: DataConfig | None = None
+        self,
+        job: JobConfig,
+        topology: Topology | None = None,
+        data: DataConfig | None = None,
+        vocabulary: list[str] | None = None,
     ) -> None:
+        """``vocabulary``: extra texts the word-level tokenizer of a random LM must cover."""
         job.validate()
         self.job, self.data = job, data or job.data
         self.topology = topology if topology is not None else init_distributed(job.train.dist)
@@ -78,6 +91,7 @@ class Experiment:
         }
         if job.spt.backbone_path is None:
             texts = all_texts(self.raw["train"] + [r for rows in self.raw["eval"].values() for r in rows])
+            texts += vocabulary or []
             self.tokenizer = word_tokenizer(texts)
         else:
             from transformers import AutoTokenizer
@@ -214,6 +228,24 @@ def train(job: JobConfig, topology: Topology | None = None) -> dict[str, Any]:
     stage2 = Experiment(stage2_job, topology, data=job.finetune_data).run(train=job.finetune_train)
     stage2.pop("model")
     return {"stage1": stage1, "stage2": stage2}
+
+
+def pretrain(job: JobConfig, topology: Topology | None = None) -> dict[str, Any]:
+    """A backbone for the frozen-LM regime (setting B's bank training on a useful LM): a random
+    tiny T5 trained on ``data.tasks`` (tiny_pretrain: the skills behind tags, no natural-language
+    template), saved with ``save_pretrained`` with a tokenizer that covers every synthetic
+    template, as ``<run_dir>/backbone`` for ``spt.backbone_path``. The templates' word
+    embeddings stay at their random init: the LM has the skills but cannot read the templates."""
+    if job.spt.backbone_path is not None or not job.spt.train_backbone:
+        raise ValueError("pretrain trains a random LM: needs model.random_config and spt.train_backbone=true")
+    exp = Experiment(job, topology, vocabulary=list(TEMPLATES.values()))
+    result = exp.run(save=False)
+    model = result.pop("model")
+    out = Path(job.train.run_dir) / "backbone"
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.backbone.save_pretrained(out)
+        exp.tokenizer.save_pretrained(out)
+    return {**result, "backbone": str(out)}
 
 
 def evaluate(job: JobConfig, bank: str | None = None, topology: Topology | None = None) -> dict[str, float]:

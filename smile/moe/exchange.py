@@ -298,6 +298,12 @@ def _sizes(counts: torch.Tensor) -> list[list[int]]:
     return counts.reshape(counts.shape[0], counts.shape[1], -1).sum(2).t().tolist()
 
 
+def hop2_sends(recv1: torch.Tensor) -> torch.Tensor:
+    """What hop 2 sends, [dest gpu, chunk, src node, local expert], from what hop 1 brought,
+    [src node, chunk, dest gpu, local expert]: a view, so both count modes share one layout."""
+    return recv1.permute(2, 1, 0, 3)
+
+
 class FlatExchange(Exchange):
     """One All2All over the whole EP group (Switch / GShard / DeepSpeed-MoE)."""
 
@@ -332,7 +338,7 @@ class HierarchicalExchange(Exchange):
 
     def _per_hop_routes(self, row_counts: torch.Tensor, recv1: torch.Tensor) -> list[Route]:
         """Hop 2's counts from hop 1's (``recv1``: [src node, chunk, dest gpu, local expert])."""
-        send2 = recv1.permute(2, 1, 0, 3)  # [dest gpu, chunk, src node, local expert]
+        send2 = hop2_sends(recv1)
         recv2 = start_counts(send2, self.topology.group("intra"), lambda counts: counts).wait()
         return self._two_hop_routes(row_counts, recv1, recv2)
 
@@ -360,7 +366,7 @@ class HierarchicalExchange(Exchange):
         n, g, e = topo.ep_nodes, topo.gpus_per_node, self.num_local
         inter, intra = topo.group("inter"), topo.group("intra")
         send1 = row_counts.view(-1, n, g, e).transpose(0, 1)  # [dest node, chunk, dest gpu, local expert]
-        send2 = recv1.permute(2, 1, 0, 3)  # [dest gpu, chunk, src node, local expert]
+        send2 = hop2_sends(recv1)
         routes = []
         sizes = zip(_sizes(send1), _sizes(recv1), _sizes(send2), _sizes(recv2))
         for c, (send1_rows, recv1_rows, send2_rows, recv2_rows) in enumerate(sizes):

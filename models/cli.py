@@ -43,7 +43,9 @@ def main(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         if not _is_run_failure(err) or os.environ.get("SMILE_DEBUG") == "1":
             raise
-        print(f"smile zoo {method.name}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        from smile.runtime.config import one_line
+
+        print(f"smile zoo {method.name}: error: {one_line(err)}", file=sys.stderr, flush=True)
         return 1
 
 

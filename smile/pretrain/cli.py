@@ -18,6 +18,7 @@ from smile.data import DataConfigError
 from smile.hf import ConvertError
 from smile.moe.topology import Topology
 from smile.runtime import ConfigError
+from smile.runtime.config import one_line
 from smile.runtime.lock import RunLockedError
 
 _USER_ERRORS = (ConfigError, ConvertError, DataConfigError, FileNotFoundError, RunLockedError, ValueError)
@@ -62,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
             print("smile train: checking config, tokenizer, corpus and model ...", flush=True)
             info = preflight(job, _planned_topology(job, args.nproc or 1))
     except _USER_ERRORS as err:
-        print(f"smile train: error: {_one_line(err)}", file=sys.stderr)
+        print(f"smile train: error: {one_line(err)}", file=sys.stderr)
         return 2
     if args.check:
         if not inside:
@@ -83,7 +84,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         run(job)
     except TrainingFailedError as err:  # every step non-finite: a failed run, never "done"
-        print(f"smile train: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        print(f"smile train: error: {one_line(err)}", file=sys.stderr, flush=True)
         return 1
     return 0
 
@@ -96,7 +97,3 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--sim-nodes must be >= 1, got {args.sim_nodes}")
     if not 0 <= args.max_restarts <= MAX_RESTARTS:
         raise ValueError(f"--max-restarts must be in [0, {MAX_RESTARTS}], got {args.max_restarts}")
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())

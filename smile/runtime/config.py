@@ -405,9 +405,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
             mark = getattr(err, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark is not None else ""
             problem = getattr(err, "problem", None) or str(err)
-            raise ConfigError(
-                f"config file {str(path)!r}{line}: invalid YAML: {_one_line(problem)}"
-            ) from None
+            raise ConfigError(f"config file {str(path)!r}{line}: invalid YAML: {one_line(problem)}") from None
         data = {} if data is None else data
     elif suffix == ".toml":
         try:
@@ -422,7 +420,7 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
             problem = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(err))
             where = f" line {line}" if line else ""
             raise ConfigError(
-                f"config file {str(path)!r}{where}: invalid TOML: {_one_line(problem)}"
+                f"config file {str(path)!r}{where}: invalid TOML: {one_line(problem)}"
             ) from None
     else:
         try:
@@ -438,7 +436,8 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _one_line(text: Any) -> str:
+def one_line(text: Any) -> str:
+    """An error message on one line (YAML, TOML and OS errors span several), for CLI reports."""
     return " ".join(str(text).split())
 
 
@@ -460,7 +459,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or str(err)
-            raise ConfigError(f"override {item!r}: the value does not parse ({_one_line(problem)})") from None
+            raise ConfigError(f"override {item!r}: the value does not parse ({one_line(problem)})") from None
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             node = _descend(node, part, ".".join(parts[: i + 1]), create=True)

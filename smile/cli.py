@@ -35,11 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(chosen if chosen in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
-        return importlib.import_module(COMMANDS[args.command][0]).main(args)
+        code = importlib.import_module(COMMANDS[args.command][0]).main(args)
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("SMILE_DEBUG") == "1":
             raise
         parser.exit(2, f"smile {args.command}: error: {err}\n")
+    if code == 0 and "torch.distributed" in sys.modules:  # a torchrun worker: leave with its peers
+        from smile.moe.topology import stop_process_group
+
+        stop_process_group()
+    return code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from smile.moe.topology import Topology, free_port, start_process_group
+from smile.moe.topology import Topology, free_port, start_process_group, stop_process_group
 
 _GRACE_S = 3.0
 _SECONDARY = ("Connection reset", "Connection closed", "Read error", "Socket Timeout")
@@ -61,8 +61,7 @@ def _worker(
     except BaseException:  # noqa: BLE001 - the traceback is the report
         results.put((rank, False, traceback.format_exc()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        stop_process_group(barrier=False)
 
 
 def _failure_report(failures: dict[int, str], world: int) -> str:

@@ -66,6 +66,19 @@ def start_process_group(backend: str = "auto", timeout_s: float = 1800.0) -> Non
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
+def stop_process_group(*, barrier: bool = True) -> None:
+    """End the default process group, if any, after a finished run (``barrier``: wait for peers).
+
+    gloo's worker threads must be joined before the interpreter exits; left to finalisation, a
+    rank can abort at exit ("terminate called without an active exception") after a good run.
+    """
+    if not dist.is_initialized():
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def free_port() -> int:
     """A free TCP port on localhost."""
     with socket.socket() as sock:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from smile.moe.topology import stop_process_group
 from smile.runtime import supervision
 
 
@@ -169,14 +170,18 @@ def _record_error(err: BaseException) -> None:
 
 def worker_main(module: str, argv: list[str]) -> int:
     """``module.main(argv)`` in a torchrun worker; an exception is recorded (with its time) and
-    re-raised. The module is named, not imported here: the runtime does not depend on its callers."""
+    re-raised; after a good run the process group is ended with the peers. The module is named, not
+    imported here: the runtime does not depend on its callers."""
     try:
-        return importlib.import_module(module).main(argv)
+        code = importlib.import_module(module).main(argv)
     except SystemExit:
         raise
     except BaseException as err:
         _record_error(err)
         raise
+    if code == 0:
+        stop_process_group()
+    return code
 
 
 if __name__ == "__main__":

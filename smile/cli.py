@@ -40,12 +40,19 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SMILE_DEBUG") == "1":
             raise
         parser.exit(2, f"smile {args.command}: error: {err}\n")
-    if code == 0 and "torch.distributed" in sys.modules:  # a torchrun worker: leave with its peers
-        from smile.moe.topology import stop_process_group
-
-        stop_process_group()
     return code
 
 
+def entry() -> None:
+    """The ``smile`` executable: :func:`main`, then, in a torchrun worker after a good run, leave
+    the process group with the peers (``main`` itself may run inside a caller's group)."""
+    code = main()
+    if code == 0 and "torch.distributed" in sys.modules:
+        from smile.moe.topology import stop_process_group
+
+        stop_process_group()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

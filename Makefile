@@ -19,8 +19,10 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py
 run: $(STAMP)
 	$(BIN)/smile train --nproc 4 --sim-nodes 2 --config configs/pretrain_tiny.yaml
 
+# Two workers, a test file each at a time: most tests are one single-threaded process, so two
+# share two cores; a file's tests stay together so its module fixtures are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q -x -n 2 --dist loadfile --durations=15
 
 # Micro-benchmarks against the stored baseline (benchmarks/micro/baseline): fails on a median 25% slower.
 bench-micro: $(STAMP)

@@ -21,6 +21,9 @@ import torch.multiprocessing as mp
 from smile.moe.topology import Topology, free_port, start_process_group, stop_process_group
 
 _GRACE_S = 3.0
+# Ranks fork from one server process that imported these once (per calling process) instead of
+# each rank importing torch, transformers and DeepSpeed again: seconds of CPU per rank saved.
+_PRELOAD = ["smile.runtime", "transformers", "deepspeed"]
 _SECONDARY = ("Connection reset", "Connection closed", "Read error", "Socket Timeout")
 
 
@@ -40,6 +43,7 @@ def _worker(
     timeout: float,
 ) -> None:
     world = nodes * gpus_per_node
+    os.environ.clear()  # the caller's environment now, not the fork server's from its start
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -83,13 +87,14 @@ def run_distributed(
     ``fn`` must be importable by name (a module-level function). Results must be picklable.
     """
     world = nodes * gpus_per_node
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
     results = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, nodes, gpus_per_node, port, fn, args, env or {}, results, timeout),
+            args=(r, nodes, gpus_per_node, port, fn, args, {**os.environ, **(env or {})}, results, timeout),
             daemon=True,
         )
         for r in range(world)

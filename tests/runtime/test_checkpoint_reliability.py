@@ -314,6 +314,7 @@ def main(run_dir: str) -> None:
     rank 1 is SIGKILLed. The restart must fall back to step EVERY at once."""
     import torch.distributed as dist
 
+    from smile.moe.topology import stop_process_group
     from smile.runtime import Trainer, init_distributed
 
     class Faulty(Trainer):
@@ -338,6 +339,7 @@ def main(run_dir: str) -> None:
             "restarts": int(os.environ["TORCHELASTIC_RESTART_COUNT"]),
         }
         (Path(run_dir) / "result.json").write_text(json.dumps(out))
+    stop_process_group()
 
 
 @pytest.mark.slow

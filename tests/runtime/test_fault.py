@@ -61,6 +61,7 @@ def _train(topology, run_dir: str, inject_fault: bool) -> dict:
 
 def main(run_dir: str) -> None:
     """The faulty run, then (same processes, fresh Trainer) an uninterrupted reference run."""
+    from smile.moe.topology import stop_process_group
     from smile.runtime import init_distributed
 
     topology = init_distributed()
@@ -70,6 +71,7 @@ def main(run_dir: str) -> None:
     }
     if topology.rank == 0:
         (Path(run_dir) / "result.json").write_text(json.dumps(out))
+    stop_process_group()
 
 
 def test_sigkill_under_torchrun_resumes_and_matches_uninterrupted_run(tmp_path):

@@ -11,7 +11,9 @@ measures, each against the shaped rate:
 * ``flat`` / ``hierarchical``: the dispatch of ``smile.moe.exchange`` (counts and regroups
   included, as ``all2all_bench.py`` times it) at each ``--sizes`` per rank, non-interleaved so that
   the tc and TCP counters belong to one variant; the hierarchical inter-node hop is also given
-  alone. The bytes leaving a node per dispatch are ``G * m * (N - 1) / N``;
+  alone. ``flat p2p`` / ``hierarchical p2p``: the same with ``transport="p2p"`` (each hop as
+  point-to-point pieces instead of one All2All call). The bytes leaving a node per dispatch are
+  ``G * m * (N - 1) / N``;
 * ``inter x c``: the bare inter-node hop cut into c concurrent All2Alls on separate connections.
 
 For each row: tbf drops and overlimits (uplinks, i.e. inside the nodes' namespaces; the whole
@@ -226,12 +228,17 @@ def a2a_worker(topo, cfg: dict) -> dict:
     import torch.distributed as dist
     from all2all_bench import _slowest, _time_dispatch
 
+    from smile.moe.config import TRANSPORTS
     from smile.moe.exchange import FlatExchange, HierarchicalExchange
 
     w, g = topo.ep_size, topo.gpus_per_node
     n, cpu_dev = w // g, torch.device("cpu")
     leader = topo.rank % g == 0  # one rank per node reads its namespace's counters
-    dispatchers = {"flat": FlatExchange(topo, w), "hierarchical": HierarchicalExchange(topo, w)}
+    dispatchers = {
+        f"{name}{'' if transport == 'collective' else ' ' + transport}": cls(topo, w, transport=transport)
+        for transport in TRANSPORTS
+        for name, cls in (("flat", FlatExchange), ("hierarchical", HierarchicalExchange))
+    }
     groups = {c: _inter_node_groups(g, c) for c in CHUNKS}
     gen = torch.Generator().manual_seed(cfg["seed"] + topo.rank)
     rows = []
@@ -264,7 +271,8 @@ def a2a_worker(topo, cfg: dict) -> dict:
             dist.barrier()
             counters = _delta(uplink_snapshot(), snap0) if leader else {}
             total = _slowest([e[-1] for e in ends], cpu_dev)
-            inter = _slowest([e[1] - e[0] for e in ends], cpu_dev) if kind == "hierarchical" else None
+            two_hops = kind.startswith("hierarchical")
+            inter = _slowest([e[1] - e[0] for e in ends], cpu_dev) if two_hops else None
             rows.append(
                 {
                     "kind": kind,

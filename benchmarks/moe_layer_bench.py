@@ -16,6 +16,8 @@ changing one thing, so every comparison can hold the levers equal (``switch+pipe
                         expert compute (bit-identical results)
   bf16                  All2All payloads sent as bf16 (dispatch and combine; lossy)
   fp8                   dispatch payload fp8 e4m3 with a per-token scale, combine bf16 (lossy)
+  p2p                   each hop as point-to-point pieces instead of one All2All call
+                        (``transport="p2p"``; bit-identical results)
 Every smile layer sends only kept rows (never capacity padding) and exchanges counts first.
 
 Iterations are interleaved across variants so machine load hits all of them alike. A step ends
@@ -61,6 +63,7 @@ LEVERS: dict[str, dict] = {
     "pipelined": {},  # chunks: set from --chunks
     "bf16": {"dispatch_payload": "bf16", "combine_payload": "bf16"},
     "fp8": {"dispatch_payload": "fp8", "combine_payload": "bf16"},
+    "p2p": {"transport": "p2p"},
 }
 ROUTERS: dict[str, dict] = {
     "switch": {"router": "switch", "dispatcher": "flat"},

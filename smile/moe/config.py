@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 ROUTERS = ("switch", "topk", "bilevel")
 DISPATCHERS = ("auto", "flat", "hierarchical", "local")
 COUNT_EXCHANGES = ("per_hop", "per_call")
+TRANSPORTS = ("collective", "p2p")
 ACTIVATIONS = ("gelu", "relu", "swiglu", "geglu")
 BACKENDS = ("auto", "torch", "triton", "cuda")
 GEMMS = ("auto", "grouped_mm", "bmm", "triton")
@@ -63,6 +64,10 @@ class MoEConfig:
     count_exchange: how the two-hop dispatcher exchanges row counts: "per_hop" (each hop in its
         own group: the fewest messages, for clusters) or "per_call" (one call over the EP group:
         the fewest calls, for a few CPU ranks on gloo); see :mod:`smile.moe.exchange`.
+    transport: how a hop moves its rows: "collective" (one ``all_to_all_single``) or "p2p"
+        (point-to-point sends and receives, each peer's rows in pieces of at most 128 KiB: on
+        gloo this keeps both directions of a pair's connection busy, where gloo's All2All between
+        two nodes sends one direction after the other); bit-identical results either way.
     activation: "auto", "gelu", "relu", "swiglu" or "geglu".
     backend: dispatch kernels ("auto": cuda > triton > torch on GPU); gemm: expert GEMMs.
     dispatch_payload ("exact", "bf16", "fp8") / combine_payload ("exact", "bf16"): wire formats.
@@ -85,6 +90,7 @@ class MoEConfig:
     check_finite: bool = True
     dispatcher: Literal["auto", "flat", "hierarchical", "local"] = "auto"
     count_exchange: Literal["per_hop", "per_call"] = "per_hop"
+    transport: Literal["collective", "p2p"] = "collective"
     activation: Literal["auto", "gelu", "relu", "swiglu", "geglu"] = "auto"
     backend: Literal["auto", "torch", "triton", "cuda"] = "auto"
     gemm: Literal["auto", "grouped_mm", "bmm", "triton"] = "auto"
@@ -120,6 +126,7 @@ class MoEConfig:
             ("router", ROUTERS),
             ("dispatcher", DISPATCHERS),
             ("count_exchange", COUNT_EXCHANGES),
+            ("transport", TRANSPORTS),
             ("activation", ("auto", *ACTIVATIONS)),
             ("backend", BACKENDS),
             ("gemm", GEMMS),

@@ -62,6 +62,7 @@ class TokenDispatcher:
             get_codec(config.dispatch_payload),
             get_codec(config.combine_payload),
             config.count_exchange,
+            config.transport,
         )
         self.num_local = self.exchange.num_local
         self.backend_name = config.backend

@@ -31,6 +31,12 @@ The two-hop exchange has two ways to count (``count_exchange``):
   that peer's node, from which each rank derives both hops' splits: one call, (N-1)G + (G-1)
   messages, cheaper where the fixed cost of a call dominates (gloo on a few CPU ranks).
 
+Each hop moves its rows by one of two transports (``transport``): ``collective``, one
+``all_to_all_single``; or ``p2p``, every peer's rows as point-to-point pieces of at most
+:data:`P2P_PIECE_BYTES`, sends and receives posted alternately in one batch. On gloo a two-rank
+All2All can send one direction after the other (half a duplex link); the pieces keep both
+directions busy (docs/benchmarks.md). Both deliver the same rows in the same layout.
+
 The pipelined layer (:mod:`smile.moe.pipeline`) drives
 the hops asynchronously through :meth:`Hop.start`.
 """
@@ -38,6 +44,8 @@ the hops asynchronously through :meth:`Hop.start`.
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,11 +53,12 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from smile.moe.config import COUNT_EXCHANGES
+from smile.moe.config import COUNT_EXCHANGES, TRANSPORTS
 from smile.moe.payload import ExactCodec, PayloadCodec
 from smile.moe.topology import Topology
 
 EXACT = ExactCodec()
+P2P_PIECE_BYTES = 128 * 1024  # the "p2p" transport's largest message
 
 
 @dataclass
@@ -73,6 +82,46 @@ class Transfer:
         return out if self.index is None else out.index_select(0, self.index)
 
 
+class _Works:
+    """Point-to-point operations in flight, waited for as one."""
+
+    def __init__(self, works: list) -> None:
+        self.works = works
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+
+
+def _pieces(rows: int, row_bytes: int) -> list[int]:
+    """Rows per message when ``rows`` rows go to one peer in pieces of <= P2P_PIECE_BYTES."""
+    per = max(1, P2P_PIECE_BYTES // max(row_bytes, 1))
+    return [min(per, rows - start) for start in range(0, rows, per)]
+
+
+def _start_p2p(out: torch.Tensor, wire: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+    """The All2All as sends and receives in pieces, all posted at once: both directions of every
+    pair stay busy (sender and receiver cut a message into the same pieces)."""
+    me, size = dist.get_rank(group), dist.get_world_size(group)
+    row_bytes = math.prod(wire.shape[1:]) * wire.element_size()  # the same on every rank
+    sends, recvs = wire.split(in_splits), out.split(out_splits)
+    recvs[me].copy_(sends[me])
+    ops = []
+    for shift in range(1, size):
+        dst, src = (me + shift) % size, (me - shift) % size
+        out_pieces = sends[dst].split(_pieces(in_splits[dst], row_bytes)) if in_splits[dst] else ()
+        in_pieces = recvs[src].split(_pieces(out_splits[src], row_bytes)) if out_splits[src] else ()
+        for out_piece, in_piece in itertools.zip_longest(out_pieces, in_pieces):
+            if out_piece is not None:
+                ops.append(dist.P2POp(dist.isend, out_piece, dist.get_global_rank(group, dst), group))
+            if in_piece is not None:
+                ops.append(dist.P2POp(dist.irecv, in_piece, dist.get_global_rank(group, src), group))
+    return _Works(dist.batch_isend_irecv(ops)) if ops else None
+
+
 def start_exchange(
     x: torch.Tensor,
     out_splits: list[int],
@@ -80,13 +129,18 @@ def start_exchange(
     group,
     codec: PayloadCodec = EXACT,
     index: torch.Tensor | None = None,
+    transport: str = "collective",
 ) -> Transfer:
-    """Start ``all_to_all_single`` of ``x`` encoded by ``codec``; ``index`` regroups on arrival."""
+    """Start the All2All of ``x`` encoded by ``codec`` (``transport``: one ``all_to_all_single``
+    or pieces of point-to-point messages); ``index`` regroups on arrival."""
     if group is None or dist.get_world_size(group) == 1:
         return Transfer(x.clone(), None, EXACT, x.dtype, index)
     wire = codec.encode(x).contiguous()
     out = wire.new_empty((sum(out_splits), *wire.shape[1:]))
-    work = dist.all_to_all_single(out, wire, out_splits, in_splits, group=group, async_op=True)
+    if transport == "p2p":
+        work = _start_p2p(out, wire, out_splits, in_splits, group)
+    else:
+        work = dist.all_to_all_single(out, wire, out_splits, in_splits, group=group, async_op=True)
     return Transfer(out, work, codec, x.dtype, index, wire)
 
 
@@ -98,15 +152,18 @@ class _AllToAll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, codec, grad_codec):  # type: ignore[override]
+    def forward(ctx, x, out_splits, in_splits, group, codec, grad_codec, transport):  # type: ignore[override]
         ctx.splits, ctx.group, ctx.grad_codec = (out_splits, in_splits), group, grad_codec
-        return start_exchange(x, out_splits, in_splits, group, codec).finish()
+        ctx.transport = transport
+        return start_exchange(x, out_splits, in_splits, group, codec, transport=transport).finish()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         out_splits, in_splits = ctx.splits
-        grad = start_exchange(grad, in_splits, out_splits, ctx.group, ctx.grad_codec).finish()
-        return grad, None, None, None, None, None
+        grad = start_exchange(
+            grad, in_splits, out_splits, ctx.group, ctx.grad_codec, transport=ctx.transport
+        ).finish()
+        return grad, None, None, None, None, None, None
 
 
 def all_to_all(
@@ -116,8 +173,9 @@ def all_to_all(
     group,
     codec: PayloadCodec = EXACT,
     grad_codec: PayloadCodec = EXACT,
+    transport: str = "collective",
 ) -> torch.Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group, codec, grad_codec)
+    return _AllToAll.apply(x, out_splits, in_splits, group, codec, grad_codec, transport)
 
 
 @dataclass
@@ -193,6 +251,7 @@ class Hop:
     label: str  # profiler region: smile.a2a.<label>
     dispatch_codec: PayloadCodec = EXACT
     combine_codec: PayloadCodec = EXACT
+    transport: str = "collective"
 
     def __post_init__(self) -> None:
         if torch.equal(self.index, torch.arange(self.index.numel(), device=self.index.device)):
@@ -203,7 +262,13 @@ class Hop:
         """Send ``x`` toward the experts and regroup it (differentiable)."""
         with record_function(f"smile.a2a.{self.label}"):
             out = all_to_all(
-                x, self.recv_splits, self.send_splits, self.group, self.dispatch_codec, self.combine_codec
+                x,
+                self.recv_splits,
+                self.send_splits,
+                self.group,
+                self.dispatch_codec,
+                self.combine_codec,
+                self.transport,
             )
             return out if self.index is None else _Regroup.apply(out, self.index, self.inverse)
 
@@ -213,17 +278,27 @@ class Hop:
             if self.inverse is not None:
                 y = _Regroup.apply(y, self.inverse, self.index)
             return all_to_all(
-                y, self.send_splits, self.recv_splits, self.group, self.combine_codec, self.combine_codec
+                y,
+                self.send_splits,
+                self.recv_splits,
+                self.group,
+                self.combine_codec,
+                self.combine_codec,
+                self.transport,
             )
 
     def start(self, x: torch.Tensor, toward_experts: bool, codec: PayloadCodec) -> Transfer:
         """Asynchronous, autograd-free :meth:`to_experts` (``toward_experts``) or :meth:`from_experts`."""
         with record_function(f"smile.a2a.{self.label}"):
             if toward_experts:
-                return start_exchange(x, self.recv_splits, self.send_splits, self.group, codec, self.index)
+                return start_exchange(
+                    x, self.recv_splits, self.send_splits, self.group, codec, self.index, self.transport
+                )
             if self.inverse is not None:
                 x = x.index_select(0, self.inverse)
-            return start_exchange(x, self.send_splits, self.recv_splits, self.group, codec)
+            return start_exchange(
+                x, self.send_splits, self.recv_splits, self.group, codec, transport=self.transport
+            )
 
 
 @dataclass
@@ -255,13 +330,16 @@ class Exchange:
         dispatch_codec: PayloadCodec = EXACT,
         combine_codec: PayloadCodec = EXACT,
         count_exchange: str = "per_hop",
+        transport: str = "collective",
     ) -> None:
-        if count_exchange not in COUNT_EXCHANGES:
-            raise ValueError(
-                f"count_exchange {count_exchange!r} unknown; allowed: {', '.join(COUNT_EXCHANGES)}"
-            )
+        for name, value, allowed in (
+            ("count_exchange", count_exchange, COUNT_EXCHANGES),
+            ("transport", transport, TRANSPORTS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r} unknown; allowed: {', '.join(allowed)}")
         self.dispatch_codec, self.combine_codec = dispatch_codec, combine_codec
-        self.count_exchange = count_exchange
+        self.count_exchange, self.transport = count_exchange, transport
         self.topology = topology
         self.num_experts = num_experts
         self.num_local = num_experts // topology.ep_size
@@ -277,7 +355,7 @@ class Exchange:
         return self.start_routes(row_counts).wait()
 
     def _hop(self, label: str, group, send: list[int], recv: list[int], index: torch.Tensor) -> Hop:
-        return Hop(group, send, recv, index, label, self.dispatch_codec, self.combine_codec)
+        return Hop(group, send, recv, index, label, self.dispatch_codec, self.combine_codec, self.transport)
 
     def _one_hop(self, label: str, group, row_counts: torch.Tensor) -> PendingRoutes:
         """One All2All over ``group``, whose i-th rank is EP rank i (the flat exchange)."""

@@ -56,6 +56,8 @@ def test_layer_errors_name_the_problem():
         MoELayer(8, 16, 4, dispatcher="local", topology=Topology(1, 2, rank=0))
     with pytest.raises(ValueError, match="allowed: auto, flat, hierarchical, local"):
         MoELayer(8, 16, 4, dispatcher="ring")
+    with pytest.raises(ValueError, match="moe.transport 'ring' unknown; allowed: collective, p2p"):
+        MoELayer(8, 16, 4, transport="ring")
     with pytest.raises(ValueError, match="allowed: auto, torch, triton, cuda"):
         get_backend("fast")
 

@@ -2,7 +2,7 @@
 
 On 2 nodes x 2 ranks, for each router (switch, topk, bilevel) and capacity (1.0, dropless): the
 exact levers (the flat or two-hop exchange, its counts per hop or in one call, 1 or 3 pipeline
-chunks) give bit-identical outputs and
+chunks, one All2All call or point-to-point pieces per hop) give bit-identical outputs and
 gradients; the lossy payload levers (bf16, fp8) run with every router and dispatcher and stay
 close to the exact layer.
 """
@@ -20,9 +20,10 @@ from smile.testing import run_distributed
 ROUTERS = ("switch", "topk", "bilevel")
 CAPACITIES = (1.0, None)
 DISPATCHERS = ("flat", "hierarchical")
-# (dispatcher, chunks, count_exchange): the exact levers; counting in one call only changes two hops
-EXACT = [(d, c, "per_hop") for d in DISPATCHERS for c in (1, 3)]
-EXACT += [("hierarchical", c, "per_call") for c in (1, 3)]
+# (dispatcher, chunks, count_exchange, transport): the exact levers; counting in one call only
+# changes two hops
+EXACT = [(d, c, "per_hop", t) for d in DISPATCHERS for c in (1, 3) for t in ("collective", "p2p")]
+EXACT += [("hierarchical", c, "per_call", "collective") for c in (1, 3)]
 PAYLOADS = ({"dispatch_payload": "bf16", "combine_payload": "bf16"}, {"dispatch_payload": "fp8"})
 
 
@@ -38,16 +39,20 @@ def _forward_backward(topology: Topology, **options) -> list[torch.Tensor]:
 
 def _levers(topology: Topology) -> dict[str, float]:
     """Max relative difference to the flat, unchunked layer, per (router, capacity, levers)."""
+    from smile.moe import exchange
+
     torch.set_num_threads(1)
+    exchange.P2P_PIECE_BYTES = 200  # "p2p": 3 rows of 16 floats a piece, so messages come in pieces
     report: dict[str, float] = {}
     for router, cf in itertools.product(ROUTERS, CAPACITIES):
         base = {"router": router, "capacity_factor": cf}
         reference = _forward_backward(topology, **base, dispatcher="flat", chunks=1)
-        for dispatcher, chunks, counts in EXACT:
+        for dispatcher, chunks, counts, transport in EXACT:
             options = {"dispatcher": dispatcher, "chunks": chunks, "count_exchange": counts}
-            got = _forward_backward(topology, **base, **options)
+            got = _forward_backward(topology, **base, **options, transport=transport)
             exact = all(torch.equal(a, b) for a, b in zip(got, reference))
-            report[f"{router}/{cf}/{dispatcher}/{counts}/chunks{chunks}"] = 0.0 if exact else float("inf")
+            name = f"{router}/{cf}/{dispatcher}/{counts}/chunks{chunks}/{transport}"
+            report[name] = 0.0 if exact else float("inf")
         for dispatcher, payload in itertools.product(DISPATCHERS, PAYLOADS):
             got = _forward_backward(topology, **base, dispatcher=dispatcher, chunks=3, **payload)
             out, ref = got[0], reference[0]

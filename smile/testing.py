@@ -15,14 +15,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from smile.moe.topology import Topology, free_port, start_process_group, stop_process_group
 
 _GRACE_S = 3.0
-# Ranks fork from one server process that imported these once (per calling process) instead of
-# each rank importing torch, transformers and DeepSpeed again: seconds of CPU per rank saved.
 _PRELOAD = ["smile.runtime", "transformers", "deepspeed"]
 _SECONDARY = ("Connection reset", "Connection closed", "Read error", "Socket Timeout")
 
@@ -54,8 +53,6 @@ def _worker(
         LOCAL_WORLD_SIZE=str(gpus_per_node),
     )
     try:
-        import torch
-
         torch.set_num_threads(1)
         start_process_group("gloo", timeout)
         topo = Topology.from_env(group_timeout_s=timeout)
@@ -74,6 +71,18 @@ def _failure_report(failures: dict[int, str], world: int) -> str:
     return "\n".join(f"rank {r} of {world} failed:\n{failures[r]}" for r in order)
 
 
+def _context():
+    """How ranks start. Without CUDA they fork from one server process that imported torch,
+    transformers and DeepSpeed once (per calling process) instead of each rank importing them
+    again: seconds of CPU per rank. With CUDA they are spawned: a rank forked after the server
+    touched CUDA (DeepSpeed's import probes it) could not use it."""
+    if torch.cuda.is_available():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def run_distributed(
     fn: Callable[..., Any],
     nodes: int,
@@ -87,8 +96,7 @@ def run_distributed(
     ``fn`` must be importable by name (a module-level function). Results must be picklable.
     """
     world = nodes * gpus_per_node
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [

@@ -129,6 +129,8 @@ def evaluate_task(
     stem = f"{task.name}.{mode}"
     folder = Path(out_dir) if out_dir is not None else None
     done = _read_partials(folder, stem, protocol) if folder is not None else {}
+    if world > 1:
+        dist.barrier()  # every rank has read the same partials before any rank appends to them
     pending = [ex for ex in examples if ex.idx not in done]
     mine = shard(pending, rank, world)
     partial = None

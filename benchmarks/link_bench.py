@@ -234,11 +234,11 @@ def a2a_worker(topo, cfg: dict) -> dict:
     w, g = topo.ep_size, topo.gpus_per_node
     n, cpu_dev = w // g, torch.device("cpu")
     leader = topo.rank % g == 0  # one rank per node reads its namespace's counters
-    dispatchers = {
-        f"{name}{'' if transport == 'collective' else ' ' + transport}": cls(topo, w, transport=transport)
-        for transport in TRANSPORTS
-        for name, cls in (("flat", FlatExchange), ("hierarchical", HierarchicalExchange))
-    }
+    dispatchers = {}
+    for transport in TRANSPORTS:  # rows "flat", "hierarchical", then "flat p2p", "hierarchical p2p"
+        suffix = "" if transport == "collective" else f" {transport}"
+        dispatchers[f"flat{suffix}"] = FlatExchange(topo, w, transport=transport)
+        dispatchers[f"hierarchical{suffix}"] = HierarchicalExchange(topo, w, transport=transport)
     groups = {c: _inter_node_groups(g, c) for c in CHUNKS}
     gen = torch.Generator().manual_seed(cfg["seed"] + topo.rank)
     rows = []

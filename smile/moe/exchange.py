@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
-from smile.moe.config import COUNT_EXCHANGES, TRANSPORTS
+from smile.moe.config import COUNT_EXCHANGES, TRANSPORTS, check_choice
 from smile.moe.payload import ExactCodec, PayloadCodec
 from smile.moe.topology import Topology
 
@@ -112,13 +112,14 @@ def _start_p2p(out: torch.Tensor, wire: torch.Tensor, out_splits: list[int], in_
     ops = []
     for shift in range(1, size):
         dst, src = (me + shift) % size, (me - shift) % size
+        dst_global, src_global = dist.get_global_rank(group, dst), dist.get_global_rank(group, src)
         out_pieces = sends[dst].split(_pieces(in_splits[dst], row_bytes)) if in_splits[dst] else ()
         in_pieces = recvs[src].split(_pieces(out_splits[src], row_bytes)) if out_splits[src] else ()
         for out_piece, in_piece in itertools.zip_longest(out_pieces, in_pieces):
             if out_piece is not None:
-                ops.append(dist.P2POp(dist.isend, out_piece, dist.get_global_rank(group, dst), group))
+                ops.append(dist.P2POp(dist.isend, out_piece, dst_global, group))
             if in_piece is not None:
-                ops.append(dist.P2POp(dist.irecv, in_piece, dist.get_global_rank(group, src), group))
+                ops.append(dist.P2POp(dist.irecv, in_piece, src_global, group))
     return _Works(dist.batch_isend_irecv(ops)) if ops else None
 
 
@@ -332,12 +333,8 @@ class Exchange:
         count_exchange: str = "per_hop",
         transport: str = "collective",
     ) -> None:
-        for name, value, allowed in (
-            ("count_exchange", count_exchange, COUNT_EXCHANGES),
-            ("transport", transport, TRANSPORTS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} {value!r} unknown; allowed: {', '.join(allowed)}")
+        check_choice("count_exchange", count_exchange, COUNT_EXCHANGES)
+        check_choice("transport", transport, TRANSPORTS)
         self.dispatch_codec, self.combine_codec = dispatch_codec, combine_codec
         self.count_exchange, self.transport = count_exchange, transport
         self.topology = topology

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import statistics
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -34,18 +35,25 @@ MTU = ClusterConfig().mtu  # jumbo frames, as on the paper's cluster (AWS EFA/EN
 LAYER_CONFIG = (
     "--tokens 2048 --d-model 512 --d-ff 512 --experts-per-rank 1 --capacity-factor 1.0 --iters 10 --warmup 2"
 )
+# Like with like: each SMILE variant beside the Switch variant with the same levers (``switch``
+# alone is the flat one-hop baseline; ``smile`` the bilevel router on the two hops), and DeepSpeed-MoE.
 LAYER_VARIANTS = ",".join(
     [
         "switch+flat",
         "switch+hierarchical",
         "smile",
-        "deepspeed",
-        "smile+dropless",
-        "smile+pipelined",
-        "smile+fp8",
         "smile+flat",
-        "smile+flat+pipelined",
-        "smile+flat+pipelined+bf16",
+        "deepspeed",
+        "switch+dropless",
+        "smile+dropless",
+        "switch+pipelined",
+        "smile+pipelined",
+        "switch+fp8",
+        "smile+fp8",
+        "switch+p2p",
+        "smile+p2p",
+        "switch+pipelined+fp8",
+        "smile+pipelined+fp8",
         "smile+flat+pipelined+fp8",
     ]
 )
@@ -91,6 +99,11 @@ SWEEP_LAYER = (
     "--tokens 512 --d-model 128 --d-ff 256 --experts-per-rank 1 --capacity-factor 1.0 --chunks 1 "
     "--iters 15 --warmup 3 --variants switch+flat,switch+hierarchical,smile"
 ).split()
+# The link-utilisation runs (``--only links``): benchmarks/link_bench.py builds its own emulated
+# cluster (TCP streams, then every All2All variant with both transports at 1, 4 and 16 MiB per rank).
+LINKS = "links"
+LINK_LAYOUTS = ((2, 2), (4, 2))
+A2A_VARIANTS = ("flat", "hierarchical", "flat p2p", "hierarchical p2p")  # link_bench's dispatch rows
 PAPER_CLAIM = 2.5
 NODE_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # The paper's setting: Switch-Base-128 on 16 nodes x 8 GPUs, as the project's cluster job runs it.
@@ -116,15 +129,34 @@ def run_sweep(results: Path) -> None:
                         raise SystemExit(f"node sweep {name} {script} failed with exit code {code}")
 
 
+def link_path(results: Path, nodes: int, procs: int) -> Path:
+    return results / f"link_emulated_{nodes}x{procs}.json"
+
+
+def run_links(results: Path) -> None:
+    """link_bench.py on each of LINK_LAYOUTS, each file holding that one run."""
+    for nodes, procs in LINK_LAYOUTS:
+        out = link_path(results, nodes, procs)
+        out.unlink(missing_ok=True)  # link_bench appends runs to its file
+        argv = ["--nodes", str(nodes), "--procs-per-node", str(procs), "--rate-mbit", f"{RATE_MBIT:g}"]
+        argv += ["--mtu", str(MTU), "--streams", "1,4", "--label", "make_results", "--out", str(out)]
+        print(f"== link utilisation {nodes}x{procs} at {RATE_MBIT:g} Mbit/s, MTU {MTU}", flush=True)
+        code = subprocess.run([sys.executable, str(HERE / "link_bench.py"), *argv]).returncode
+        if code:
+            raise SystemExit(f"link utilisation {nodes}x{procs} failed with exit code {code}")
+
+
 def run_all(results: Path, only: list[str] | None = None) -> None:
     """Measure the entries of RUNS (all, or ``only``), each on a freshly built emulated cluster;
     the node-count sweep too unless ``only`` leaves it out."""
-    unknown = set(only or []) - set(RUNS) - {SWEEP}
+    unknown = set(only or []) - set(RUNS) - {SWEEP, LINKS}
     if unknown:
-        raise SystemExit(f"--only: unknown {sorted(unknown)}; allowed: {', '.join([*RUNS, SWEEP])}")
+        raise SystemExit(f"--only: unknown {sorted(unknown)}; allowed: {', '.join([*RUNS, SWEEP, LINKS])}")
     raise_on_sigterm()
     if not only or SWEEP in only:
         run_sweep(results)
+    if not only or LINKS in only:
+        run_links(results)
     for name, (config, argv) in RUNS.items():
         if only and name not in only:
             continue
@@ -298,9 +330,7 @@ def moe_section(rep: dict) -> list[str]:
             f"| {name} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | {r['max_ms']:.0f} | "
             f"{r['tokens_per_s']:.0f} | {drop} | {link} | {busy} |"
         )
-    lines.append("")
-    for label, value in rep["ratios"].items():
-        lines.append(f"- tokens/s {label}: **{value:.2f}x**")
+    lines += ["", *like_for_like(rows, rep["ratios"])]
     per_node = c["gpus_per_node"] * c["tokens"] * c["d_model"] * 4 * (c["nodes"] - 1) / c["nodes"]
     bound = 4 * per_node / (RATE_MBIT * 1e6 / 8)
     lines += [
@@ -321,6 +351,46 @@ def moe_section(rep: dict) -> list[str]:
     if "deepspeed" in rows:
         lines += _verdicts(rows)
     lines.append("")
+    return lines
+
+
+def like_for_like(rows: dict[str, dict], ratios: dict[str, float]) -> list[str]:
+    """Each SMILE variant beside the Switch variant with the same levers (the benchmark's pairs:
+    ``ratios`` keys ``"<smile> / <switch>"``), and both beside DeepSpeed-MoE."""
+    ds = rows["deepspeed"]["tokens_per_s"] if "deepspeed" in rows else None
+    pairs = [tuple(key.split(" / ")) for key in ratios if not key.endswith(" / deepspeed")]
+    if not pairs:
+        return []
+    lines = [
+        "Like with like: every SMILE variant against the Switch variant with the same levers (Switch on "
+        "its flat All2All, SMILE on its two hops, unless the lever names the dispatcher), and each "
+        "against DeepSpeed-MoE separately.",
+        "",
+        "| levers | SMILE variant | Switch variant | SMILE / Switch | SMILE / DeepSpeed "
+        "| Switch / DeepSpeed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for smile, switch in pairs:
+        levers = "+".join(smile.split("+")[1:]) or "(none)"
+        a, b = rows[smile]["tokens_per_s"], rows[switch]["tokens_per_s"]
+        vs_ds = f"{a / ds:.2f}x | {b / ds:.2f}x" if ds else "- | -"
+        lines.append(f"| {levers} | {smile} | {switch} | **{a / b:.2f}x** | {vs_ds} |")
+    if ds:
+        lines += [
+            "",
+            "Every layer against DeepSpeed-MoE: "
+            + ", ".join(f"{n} {r['tokens_per_s'] / ds:.2f}x" for n, r in rows.items() if n != "deepspeed")
+            + ".",
+        ]
+    ratios = [rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"] for a, b in pairs]
+    ahead = sum(r > 1.1 for r in ratios)
+    behind = sum(r < 1 / 1.1 for r in ratios)
+    lines += [
+        "",
+        f"SMILE / Switch under the same levers: {min(ratios):.2f}x to {max(ratios):.2f}x; ahead by more "
+        f"than 10% in {ahead} of {len(ratios)} pairs, behind by more than 10% in {behind}.",
+        "",
+    ]
     return lines
 
 
@@ -349,6 +419,58 @@ def _verdicts(rows: dict[str, dict]) -> list[str]:
             kind = label or "overall"
             lines.append(f"Best {kind} SMILE variant: {name}, {pool[name]:.2f}x DeepSpeed-MoE{target}.")
     return lines
+
+
+def link_section(runs: list[dict]) -> list[str]:
+    """What share of the shaped rate the emulated links deliver: TCP streams and every All2All."""
+    lines = [
+        f"`python benchmarks/make_results.py --run --only {LINKS}` (root) runs `benchmarks/link_bench.py` "
+        "on a freshly built emulated cluster per layout: TCP streams from one node to another (one way, "
+        "then both ways at once), then each All2All as the MoE layer runs it (counts and regroups "
+        "included), with the collective transport (one All2All call per hop) and `p2p` (each hop as "
+        "point-to-point pieces). Share of shaped rate = the bytes leaving a node (G * m * (N-1)/N) at "
+        "the tbf rate / the median time of 5 dispatches; for the two-hop dispatch the inter-node hop "
+        "alone is given too. Waiting cores: how many cores' worth of the ranks' threads sat runnable "
+        "without a CPU (well above 0: the row was held back by the host, not the link). Why the "
+        "rows differ: docs/benchmarks.md, \"Link utilisation of the emulated cluster\".",
+        "",
+    ]
+    for run in runs:
+        c, env = run["config"], run["environment"]
+        lines += [
+            f"**{c['nodes']} nodes x {c['procs_per_node']} ranks**, {c['rate_mbit']:g} Mbit/s, "
+            f"MTU {c['mtu']} ({env['date_utc']}, load average {env['loadavg_start'][0]:.1f} at start, "
+            f"{env['loadavg'][0]:.1f} at end; tbf drops on the downlinks: {run['downlink_drops']})",
+            "",
+            "| what | MiB per rank | ms | share of shaped rate | inter-node hop alone | tbf drops "
+            "| TCP retransmits | machine CPU busy | waiting cores |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in run["rows"]:
+            per_rank = "bytes_per_rank" in r
+            size = (r["bytes_per_rank"] if per_rank else r["bytes"]) / 2**20
+            hop = f"{r['inter_hop_pct_of_shaped']:.0f}%" if "inter_hop_pct_of_shaped" in r else "-"
+            waiting = r.get("runnable_waiting_cores")
+            lines.append(
+                f"| {r['kind']} | {size:g}{'' if per_rank else ' in all'} | {1e3 * r['seconds']:.1f} | "
+                f"{r['pct_of_shaped']:.0f}% | {hop} | {r['dropped']} | {r['retrans']} | "
+                f"{r['machine_busy_pct']:.0f}% | {'-' if waiting is None else f'{waiting:.2f}'} |"
+            )
+        lines += ["", _link_verdict(run["rows"]), ""]
+    return lines
+
+
+def _link_verdict(rows: list[dict]) -> str:
+    """Each All2All variant's range of shares at >= 1 MiB per rank, against the 90% target."""
+    shares: dict[str, list[float]] = {}
+    for r in rows:
+        if r["kind"] in A2A_VARIANTS and r["bytes_per_rank"] >= 2**20:
+            shares.setdefault(r["kind"], []).append(r["pct_of_shaped"])
+    parts = [
+        f"{kind} {min(v):.0f}-{max(v):.0f}%{'' if min(v) >= 90 else ' (below 90%)'}"
+        for kind, v in shares.items()
+    ]
+    return "Share of the shaped rate at >= 1 MiB per rank: " + "; ".join(parts) + "."
 
 
 def pretrain_section(rep: dict) -> list[str]:
@@ -914,6 +1036,9 @@ def projection_section(workload: cm.MoEWorkload, curves: dict[str, list[dict]]) 
     return lines
 
 
+_LINK = ClusterConfig(rate_mbit=RATE_MBIT, mtu=MTU)
+
+
 def caveats(envs: list[dict], moe: dict | None) -> list[str]:
     loads = [e["loadavg"][0] for e in envs] + [e.get("loadavg_start", [math.nan])[0] for e in envs]
     items = [
@@ -923,7 +1048,10 @@ def caveats(envs: list[dict], moe: dict | None) -> list[str]:
         "times are inflated and noisy (medians of 3-10 iterations, each variant interleaved with the "
         "others).",
         "Emulated network: one Linux network namespace per node on a bridge, each node's veth shaped to "
-        f"{RATE_MBIT:g} Mbit/s in each direction with tc tbf (burst 2 ms of line rate); no latency is "
+        f"{RATE_MBIT:g} Mbit/s in each direction with tc tbf (bucket {_LINK.tbf_burst_bytes} B: one 64 KiB "
+        f"GSO packet and a frame; queue {_LINK.tbf_latency_ms / 1e3:g} s of line rate, so it pauses "
+        "rather than drops, as a lossless training fabric does; runs before 2026-12-06 used a 50 kB "
+        "bucket and a 100 ms queue, which dropped frames); no latency is "
         "injected (netem is not available), so the inter-node alpha is the software stack's, not a "
         "switch's. Intra-node traffic is loopback TCP on the same cores, not NVLink.",
         f"Links at MTU {' / '.join(sorted({_mtu(e) for e in envs}))} in these runs; `--run` uses {MTU} "
@@ -1079,6 +1207,9 @@ def render(results: Path) -> tuple[str, cm.FitResult, dict]:
     if moe is not None:
         fitted, check = layer_check(moe, fit)
         lines += ["## MoE layers on the emulated cluster", "", *moe_section(moe), *check]
+    links = [load(path)["runs"][-1] for n, g in LINK_LAYOUTS if (path := link_path(results, n, g)).exists()]
+    if links:
+        lines += ["## Link utilisation of the emulated cluster", "", *link_section(links)]
     pretrain_path = results / "pretrain_emulated_4x2.json"
     if pretrain_path.exists():
         pretrain = pretrain_section(load(pretrain_path))
@@ -1119,7 +1250,9 @@ def main(argv: list[str] | None = None) -> int:
         "--run", action="store_true", help="measure again on the emulated cluster first (root)"
     )
     parser.add_argument(
-        "--only", action="append", help=f"with --run: measure only this entry ({', '.join([*RUNS, SWEEP])})"
+        "--only",
+        action="append",
+        help=f"with --run: measure only this entry ({', '.join([*RUNS, SWEEP, LINKS])})",
     )
     parser.add_argument("--results", default=str(HERE / "results"), help="directory of the JSON reports")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))

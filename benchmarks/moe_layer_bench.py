@@ -254,7 +254,8 @@ def switch_twin(name: str, rows: dict[str, dict]) -> str | None:
     base, *levers = name.split("+")
     if base != "smile":
         return None
-    candidates = ("+".join(["switch", *levers]), "+".join(["switch", "flat", *levers]))
+    rest = [lever for lever in levers if lever != "flat"]  # Switch is flat unless told otherwise
+    candidates = ["+".join(["switch", *spelling]) for spelling in (levers, ["flat", *rest], rest)]
     return next((c for c in candidates if c in rows), None)
 
 

@@ -392,6 +392,31 @@ def test_layer_variant_names_compose_levers():
     for bad in ("smile+warp", "smile+bf16+fp8", "smile+flat+flat", "switch+flat+hierarchical", "smile+"):
         with pytest.raises(ValueError, match="unknown; allowed"):
             moe_layer_bench.layer_options(bad, cfg)
+    # the twin of a SMILE variant is the Switch variant with the same levers, however it is spelled
+    run = dict.fromkeys(["switch+flat", "switch+pipelined+fp8", "switch+p2p"])
+    twins = {name: moe_layer_bench.switch_twin(name, run) for name in ("smile", "smile+flat", "smile+p2p")}
+    assert twins == {"smile": "switch+flat", "smile+flat": "switch+flat", "smile+p2p": "switch+p2p"}
+    assert moe_layer_bench.switch_twin("smile+flat+pipelined+fp8", run) == "switch+pipelined+fp8"
+    assert moe_layer_bench.switch_twin("smile+dropless", run) is None
+
+
+def test_results_compare_like_with_like_and_judge_the_links_against_the_target():
+    tps = {"deepspeed": 100.0, "switch+flat": 120.0, "smile": 90.0, "switch+p2p": 100.0, "smile+p2p": 125.0}
+    rows = {name: {"tokens_per_s": value} for name, value in tps.items()}
+    ratios = {"smile / switch+flat": 0.75, "smile+p2p / switch+p2p": 1.25, "smile / deepspeed": 0.9}
+    text = "\n".join(make_results.like_for_like(rows, ratios))
+    assert "| (none) | smile | switch+flat | **0.75x** | 0.90x | 1.20x |" in text
+    assert "| p2p | smile+p2p | switch+p2p | **1.25x** | 1.25x | 1.00x |" in text
+    assert "ahead by more than 10% in 1 of 2 pairs, behind by more than 10% in 1" in text
+    link_rows = [
+        {"kind": "flat", "bytes_per_rank": 2**20, "pct_of_shaped": 93.0},
+        {"kind": "flat", "bytes_per_rank": 2**22, "pct_of_shaped": 91.0},
+        {"kind": "hierarchical", "bytes_per_rank": 2**20, "pct_of_shaped": 85.0},
+        {"kind": "hierarchical", "bytes_per_rank": 2**14, "pct_of_shaped": 10.0},  # below 1 MiB: not judged
+        {"kind": "inter x 2", "bytes_per_rank": 2**20, "pct_of_shaped": 50.0},  # a diagnostic, not a variant
+    ]
+    verdict = make_results._link_verdict(link_rows)
+    assert verdict.endswith("flat 91-93%; hierarchical 85-85% (below 90%).")
 
 
 def test_results_report_the_default_smile_layer_and_the_pretraining_run():

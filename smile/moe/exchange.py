@@ -32,10 +32,13 @@ The two-hop exchange has two ways to count (``count_exchange``):
   messages, cheaper where the fixed cost of a call dominates (gloo on a few CPU ranks).
 
 Each hop moves its rows by one of two transports (``transport``): ``collective``, one
-``all_to_all_single``; or ``p2p``, every peer's rows as point-to-point pieces of at most
-:data:`P2P_PIECE_BYTES`, sends and receives posted alternately in one batch. On gloo a two-rank
-All2All can send one direction after the other (half a duplex link); the pieces keep both
-directions busy (docs/benchmarks.md). Both deliver the same rows in the same layout.
+``all_to_all_single``, then the regroup as a copy; or ``p2p``, every peer's rows as
+point-to-point pieces of at most :data:`P2P_PIECE_BYTES`, sends and receives posted alternately
+in one batch. On gloo a two-rank All2All can send one direction after the other (half a duplex
+link); the pieces keep both directions busy (docs/benchmarks.md). The pieces are cut at the
+boundaries of the blocks a regroup moves (both ends know every block's size from the counts), so
+each block is received straight into its regrouped place and sent back from it: ``p2p`` makes
+no regroup copy. Both deliver the same rows in the same layout.
 
 The pipelined layer (:mod:`smile.moe.pipeline`) drives
 the hops asynchronously through :meth:`Hop.start`.
@@ -96,25 +99,75 @@ class _Works:
             work.wait()
 
 
-def _pieces(rows: int, row_bytes: int) -> list[int]:
-    """Rows per message when ``rows`` rows go to one peer in pieces of <= P2P_PIECE_BYTES."""
-    per = max(1, P2P_PIECE_BYTES // max(row_bytes, 1))
-    return [min(per, rows - start) for start in range(0, rows, per)]
+Segments = list[list[tuple[int, int]]]  # per peer, (first row, rows) of each block in travel order
 
 
-def _start_p2p(out: torch.Tensor, wire: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+@dataclass(frozen=True)
+class P2PLayout:
+    """Where the rows exchanged with each peer lie: ``send[p]`` in the input, ``recv[p]`` in the
+    output, block by block. Peer p's ``send[me]`` blocks have the sizes of this rank's ``recv[p]``."""
+
+    send: Segments
+    recv: Segments
+
+    @property
+    def out_rows(self) -> int:
+        return sum(rows for peer in self.recv for _, rows in peer)
+
+    def reversed(self) -> P2PLayout:
+        """The way back: every block returns from where it arrived to where it came from."""
+        return P2PLayout(self.recv, self.send)
+
+    @staticmethod
+    def contiguous(send_splits: list[int], recv_splits: list[int]) -> P2PLayout:
+        """One block per peer, peers in rank order on both sides (a plain All2All)."""
+        return P2PLayout(_in_order([[n] for n in send_splits]), _in_order([[n] for n in recv_splits]))
+
+    @staticmethod
+    def of_counts(send: torch.Tensor, recv: torch.Tensor, perm: tuple[int, ...]) -> P2PLayout:
+        """Blocks of ``send`` / ``recv`` counts ([peer, ...], row-major) sent in order and received
+        where the regroup ``perm`` of :func:`regroup_index` puts them."""
+        sizes = recv.reshape(-1)
+        block = torch.arange(sizes.numel(), device=recv.device).view(recv.shape).permute(perm).reshape(-1)
+        moved = sizes[block]
+        starts = torch.empty_like(sizes)
+        starts[block] = torch.cumsum(moved, 0) - moved
+        peers = recv.shape[0]
+        placed = [list(zip(p_starts, p_sizes)) for p_starts, p_sizes in
+                  zip(starts.view(peers, -1).tolist(), sizes.view(peers, -1).tolist())]  # fmt: skip
+        return P2PLayout(_in_order(send.reshape(send.shape[0], -1).tolist()), placed)
+
+
+def _in_order(blocks: list[list[int]]) -> Segments:
+    """Segments of blocks laid out one after the other, peer by peer."""
+    out, start = [], 0
+    for peer in blocks:
+        out.append([])
+        for rows in peer:
+            out[-1].append((start, rows))
+            start += rows
+    return out
+
+
+def _pieces(t: torch.Tensor, segments: list[tuple[int, int]], per: int) -> list[torch.Tensor]:
+    """Views of ``t``'s segments cut into pieces of at most ``per`` rows (empty blocks skipped)."""
+    ends = [(start + rows, range(start, start + rows, per)) for start, rows in segments]
+    return [t[at : min(at + per, end)] for end, starts in ends for at in starts]
+
+
+def _start_p2p(out: torch.Tensor, wire: torch.Tensor, layout: P2PLayout, group):
     """The All2All as sends and receives in pieces, all posted at once: both directions of every
-    pair stay busy (sender and receiver cut a message into the same pieces)."""
+    pair stay busy (sender and receiver cut each block into the same pieces)."""
     me, size = dist.get_rank(group), dist.get_world_size(group)
     row_bytes = math.prod(wire.shape[1:]) * wire.element_size()  # the same on every rank
-    sends, recvs = wire.split(in_splits), out.split(out_splits)
-    recvs[me].copy_(sends[me])
+    per = max(1, P2P_PIECE_BYTES // max(row_bytes, 1))
+    for (src, rows), (dst, _) in zip(layout.send[me], layout.recv[me]):
+        out[dst : dst + rows].copy_(wire[src : src + rows])
     ops = []
     for shift in range(1, size):
         dst, src = (me + shift) % size, (me - shift) % size
         dst_global, src_global = dist.get_global_rank(group, dst), dist.get_global_rank(group, src)
-        out_pieces = sends[dst].split(_pieces(in_splits[dst], row_bytes)) if in_splits[dst] else ()
-        in_pieces = recvs[src].split(_pieces(out_splits[src], row_bytes)) if out_splits[src] else ()
+        out_pieces, in_pieces = _pieces(wire, layout.send[dst], per), _pieces(out, layout.recv[src], per)
         for out_piece, in_piece in itertools.zip_longest(out_pieces, in_pieces):
             if out_piece is not None:
                 ops.append(dist.P2POp(dist.isend, out_piece, dst_global, group))
@@ -131,15 +184,17 @@ def start_exchange(
     codec: PayloadCodec = EXACT,
     index: torch.Tensor | None = None,
     transport: str = "collective",
+    layout: P2PLayout | None = None,
 ) -> Transfer:
     """Start the All2All of ``x`` encoded by ``codec`` (``transport``: one ``all_to_all_single``
-    or pieces of point-to-point messages); ``index`` regroups on arrival."""
+    or pieces of point-to-point messages, placed by ``layout``, by default each peer's rows in
+    rank order); ``index`` regroups on arrival."""
     if group is None or dist.get_world_size(group) == 1:
         return Transfer(x.clone(), None, EXACT, x.dtype, index)
     wire = codec.encode(x).contiguous()
     out = wire.new_empty((sum(out_splits), *wire.shape[1:]))
     if transport == "p2p":
-        work = _start_p2p(out, wire, out_splits, in_splits, group)
+        work = _start_p2p(out, wire, layout or P2PLayout.contiguous(in_splits, out_splits), group)
     else:
         work = dist.all_to_all_single(out, wire, out_splits, in_splits, group=group, async_op=True)
     return Transfer(out, work, codec, x.dtype, index, wire)
@@ -153,18 +208,18 @@ class _AllToAll(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, codec, grad_codec, transport):  # type: ignore[override]
+    def forward(ctx, x, out_splits, in_splits, group, codec, grad_codec, transport, layout):  # type: ignore[override]
         ctx.splits, ctx.group, ctx.grad_codec = (out_splits, in_splits), group, grad_codec
-        ctx.transport = transport
-        return start_exchange(x, out_splits, in_splits, group, codec, transport=transport).finish()
+        ctx.transport, ctx.layout = transport, layout
+        return start_exchange(x, out_splits, in_splits, group, codec, None, transport, layout).finish()
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         out_splits, in_splits = ctx.splits
-        grad = start_exchange(
-            grad, in_splits, out_splits, ctx.group, ctx.grad_codec, transport=ctx.transport
-        ).finish()
-        return grad, None, None, None, None, None, None
+        back = None if ctx.layout is None else ctx.layout.reversed()
+        codec, transport = ctx.grad_codec, ctx.transport
+        grad = start_exchange(grad, in_splits, out_splits, ctx.group, codec, None, transport, back)
+        return grad.finish(), None, None, None, None, None, None, None
 
 
 def all_to_all(
@@ -175,8 +230,9 @@ def all_to_all(
     codec: PayloadCodec = EXACT,
     grad_codec: PayloadCodec = EXACT,
     transport: str = "collective",
+    layout: P2PLayout | None = None,
 ) -> torch.Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group, codec, grad_codec, transport)
+    return _AllToAll.apply(x, out_splits, in_splits, group, codec, grad_codec, transport, layout)
 
 
 @dataclass
@@ -243,21 +299,37 @@ def _inverse(index: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Hop:
-    """One All2All hop and the regroup applied after it, remembered for the way back."""
+    """One All2All hop and the regroup of the rows that arrive, remembered for the way back.
+
+    ``send_counts`` [dest peer, ...] are the blocks of rows this rank sends, one after the other in
+    its buffer; ``recv_counts`` [src peer, ...] the blocks it receives, in arrival order; the
+    regroup puts them in the order of ``recv_counts.permute(perm)``. The collective transport
+    regroups with a copy (none when the blocks already arrive in order); ``p2p`` receives each
+    block in its place.
+    """
 
     group: object
-    send_splits: list[int]
-    recv_splits: list[int]
-    index: torch.Tensor | None  # regroup after arrival; None when the rows arrive in order
+    send_counts: torch.Tensor
+    recv_counts: torch.Tensor
+    perm: tuple[int, ...]
     label: str  # profiler region: smile.a2a.<label>
     dispatch_codec: PayloadCodec = EXACT
     combine_codec: PayloadCodec = EXACT
     transport: str = "collective"
 
     def __post_init__(self) -> None:
-        if torch.equal(self.index, torch.arange(self.index.numel(), device=self.index.device)):
-            self.index = None  # the blocks already arrive in order: no regroup copy
+        self.send_splits = _per_peer(self.send_counts)
+        self.recv_splits = _per_peer(self.recv_counts)
+        self.layout: P2PLayout | None = None
+        self.index: torch.Tensor | None = None  # regroup copy after arrival
+        if self.transport == "p2p":
+            self.layout = P2PLayout.of_counts(self.send_counts, self.recv_counts, self.perm)
+        else:
+            index = regroup_index(self.recv_counts, self.perm)
+            if not torch.equal(index, torch.arange(index.numel(), device=index.device)):
+                self.index = index
         self.inverse = None if self.index is None else _inverse(self.index)
+        self.back = None if self.layout is None else self.layout.reversed()
 
     def to_experts(self, x: torch.Tensor) -> torch.Tensor:
         """Send ``x`` toward the experts and regroup it (differentiable)."""
@@ -270,6 +342,7 @@ class Hop:
                 self.dispatch_codec,
                 self.combine_codec,
                 self.transport,
+                self.layout,
             )
             return out if self.index is None else _Regroup.apply(out, self.index, self.inverse)
 
@@ -286,20 +359,25 @@ class Hop:
                 self.combine_codec,
                 self.combine_codec,
                 self.transport,
+                self.back,
             )
 
     def start(self, x: torch.Tensor, toward_experts: bool, codec: PayloadCodec) -> Transfer:
         """Asynchronous, autograd-free :meth:`to_experts` (``toward_experts``) or :meth:`from_experts`."""
         with record_function(f"smile.a2a.{self.label}"):
             if toward_experts:
-                return start_exchange(
-                    x, self.recv_splits, self.send_splits, self.group, codec, self.index, self.transport
-                )
+                splits = (self.recv_splits, self.send_splits)
+                return start_exchange(x, *splits, self.group, codec, self.index, self.transport, self.layout)
             if self.inverse is not None:
                 x = x.index_select(0, self.inverse)
             return start_exchange(
-                x, self.send_splits, self.recv_splits, self.group, codec, transport=self.transport
+                x, self.send_splits, self.recv_splits, self.group, codec, None, self.transport, self.back
             )
+
+
+def _per_peer(counts: torch.Tensor) -> list[int]:
+    """Rows to or from each peer of counts shaped ``[peer, ...]``."""
+    return counts.reshape(counts.shape[0], -1).sum(1).tolist()
 
 
 @dataclass
@@ -351,8 +429,8 @@ class Exchange:
         """:meth:`start_routes`, waited for."""
         return self.start_routes(row_counts).wait()
 
-    def _hop(self, label: str, group, send: list[int], recv: list[int], index: torch.Tensor) -> Hop:
-        return Hop(group, send, recv, index, label, self.dispatch_codec, self.combine_codec, self.transport)
+    def _hop(self, label: str, group, send: torch.Tensor, recv: torch.Tensor, perm: tuple[int, ...]) -> Hop:
+        return Hop(group, send, recv, perm, label, self.dispatch_codec, self.combine_codec, self.transport)
 
     def _one_hop(self, label: str, group, row_counts: torch.Tensor) -> PendingRoutes:
         """One All2All over ``group``, whose i-th rank is EP rank i (the flat exchange)."""
@@ -361,16 +439,10 @@ class Exchange:
 
     def _one_hop_routes(self, label: str, group, send: torch.Tensor, recv: torch.Tensor) -> list[Route]:
         """``send`` / ``recv``: [dest / src rank, chunk, local expert]."""
-        routes = []
-        for c, (send_rows, recv_rows) in enumerate(zip(_sizes(send), _sizes(recv))):
-            index = regroup_index(recv[:, c], (1, 0))
-            routes.append(Route([self._hop(label, group, send_rows, recv_rows, index)], recv[:, c].t()))
-        return routes
-
-
-def _sizes(counts: torch.Tensor) -> list[list[int]]:
-    """Rows per peer of each chunk from counts shaped ``[peer, chunk, ...]``."""
-    return counts.reshape(counts.shape[0], counts.shape[1], -1).sum(2).t().tolist()
+        return [
+            Route([self._hop(label, group, send[:, c], recv[:, c], (1, 0))], recv[:, c].t())
+            for c in range(send.shape[1])
+        ]
 
 
 def hop2_sends(recv1: torch.Tensor) -> torch.Tensor:
@@ -443,10 +515,9 @@ class HierarchicalExchange(Exchange):
         send1 = row_counts.view(-1, n, g, e).transpose(0, 1)  # [dest node, chunk, dest gpu, local expert]
         send2 = hop2_sends(recv1)
         routes = []
-        sizes = zip(_sizes(send1), _sizes(recv1), _sizes(send2), _sizes(recv2))
-        for c, (send1_rows, recv1_rows, send2_rows, recv2_rows) in enumerate(sizes):
-            hop1 = self._hop("inter", inter, send1_rows, recv1_rows, regroup_index(recv1[:, c], (1, 0, 2)))
-            hop2 = self._hop("intra", intra, send2_rows, recv2_rows, regroup_index(recv2[:, c], (2, 1, 0)))
+        for c in range(send1.shape[1]):
+            hop1 = self._hop("inter", inter, send1[:, c], recv1[:, c], (1, 0, 2))
+            hop2 = self._hop("intra", intra, send2[:, c], recv2[:, c], (2, 1, 0))
             # Source EP rank = node * g + gpu: [local expert, src node, src gpu] -> [local expert, src rank].
             routes.append(Route([hop1, hop2], recv2[:, c].permute(2, 1, 0).reshape(e, -1)))
         return routes

@@ -4,7 +4,7 @@ On 2 nodes x 2 ranks, for each router (switch, topk, bilevel) and capacity (1.0,
 exact levers (the flat or two-hop exchange, its counts per hop or in one call, 1 or 3 pipeline
 chunks, one All2All call or point-to-point pieces per hop) give bit-identical outputs and
 gradients; the lossy payload levers (bf16, fp8) run with every router and dispatcher and stay
-close to the exact layer.
+close to the exact layer, bit-identical between the two transports.
 """
 
 from __future__ import annotations
@@ -54,10 +54,14 @@ def _levers(topology: Topology) -> dict[str, float]:
             name = f"{router}/{cf}/{dispatcher}/{counts}/chunks{chunks}/{transport}"
             report[name] = 0.0 if exact else float("inf")
         for dispatcher, payload in itertools.product(DISPATCHERS, PAYLOADS):
-            got = _forward_backward(topology, **base, dispatcher=dispatcher, chunks=3, **payload)
+            options = {**base, "dispatcher": dispatcher, "chunks": 3, **payload}
+            got = _forward_backward(topology, **options)
             out, ref = got[0], reference[0]
             name = f"{router}/{cf}/{dispatcher}/{payload['dispatch_payload']}"
             report[name] = float((out - ref).norm() / ref.norm())
+            # the same wire format in point-to-point pieces: the same bits as one All2All call
+            pieces = _forward_backward(topology, **options, transport="p2p")
+            report[f"{name}/p2p is exact"] = 0.0 if all(map(torch.equal, pieces, got)) else float("inf")
     return report
 
 
@@ -68,7 +72,8 @@ def test_every_lever_composes_with_every_router_and_dispatcher():
         exact = {k: v for k, v in report.items() if "chunks" in k}
         assert len(exact) == len(ROUTERS) * len(CAPACITIES) * len(EXACT)
         assert all(v == 0.0 for v in exact.values()), [k for k, v in exact.items() if v]
-        lossy = {k: v for k, v in report.items() if "chunks" not in k}
+        assert all(v == 0.0 for k, v in report.items() if k.endswith("p2p is exact")), report
+        lossy = {k: v for k, v in report.items() if "chunks" not in k and "exact" not in k}
         assert len(lossy) == len(ROUTERS) * len(CAPACITIES) * 4
         # each lossy lever is applied (the output moves) and stays close to the exact layer
         assert all(0 < v < (0.01 if k.endswith("bf16") else 0.08) for k, v in lossy.items()), lossy

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -99,6 +100,15 @@ SWEEP_LAYER = (
     "--tokens 512 --d-model 128 --d-ff 256 --experts-per-rank 1 --capacity-factor 1.0 --chunks 1 "
     "--iters 15 --warmup 3 --variants switch+flat,switch+hierarchical,smile"
 ).split()
+# The two hops on one machine (``--only unshaped``): the layer run's config on 2 nodes x 2 ranks
+# simulated by process groups over unshaped loopback, where no hop saves anything, so every cost of
+# the second hop shows (the target: SMILE within 5% of switch+flat).
+UNSHAPED = "unshaped"
+UNSHAPED_ARGV = [
+    *LAYER_CONFIG.replace("--iters 10", "--iters 30").replace("--warmup 2", "--warmup 3").split(),
+    "--nodes", "2", "--gpus-per-node", "2",
+    "--variants", "switch+flat,switch+hierarchical,smile,smile+flat,switch+p2p,smile+p2p",
+]  # fmt: skip
 # The link-utilisation runs (``--only links``): benchmarks/link_bench.py builds its own emulated
 # cluster (TCP streams, then every All2All variant with both transports at 1, 4 and 16 MiB per rank).
 LINKS = "links"
@@ -146,17 +156,29 @@ def run_links(results: Path) -> None:
             raise SystemExit(f"link utilisation {nodes}x{procs} failed with exit code {code}")
 
 
+def run_unshaped(results: Path) -> None:
+    print("== MoE layers, 2 nodes x 2 ranks, unshaped loopback", flush=True)
+    out = results / f"moe_layer_{UNSHAPED}_2x2.json"
+    cmd = [sys.executable, str(HERE / "moe_layer_bench.py"), *UNSHAPED_ARGV, "--out", str(out)]
+    code = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode  # one thread a rank
+    if code:
+        raise SystemExit(f"the unshaped layer run failed with exit code {code}")
+
+
 def run_all(results: Path, only: list[str] | None = None) -> None:
     """Measure the entries of RUNS (all, or ``only``), each on a freshly built emulated cluster;
     the node-count sweep too unless ``only`` leaves it out."""
-    unknown = set(only or []) - set(RUNS) - {SWEEP, LINKS}
+    unknown = set(only or []) - set(RUNS) - {SWEEP, LINKS, UNSHAPED}
     if unknown:
-        raise SystemExit(f"--only: unknown {sorted(unknown)}; allowed: {', '.join([*RUNS, SWEEP, LINKS])}")
+        allowed = ", ".join([*RUNS, SWEEP, LINKS, UNSHAPED])
+        raise SystemExit(f"--only: unknown {sorted(unknown)}; allowed: {allowed}")
     raise_on_sigterm()
     if not only or SWEEP in only:
         run_sweep(results)
     if not only or LINKS in only:
         run_links(results)
+    if not only or UNSHAPED in only:
+        run_unshaped(results)
     for name, (config, argv) in RUNS.items():
         if only and name not in only:
             continue
@@ -419,6 +441,45 @@ def _verdicts(rows: dict[str, dict]) -> list[str]:
             kind = label or "overall"
             lines.append(f"Best {kind} SMILE variant: {name}, {pool[name]:.2f}x DeepSpeed-MoE{target}.")
     return lines
+
+
+def unshaped_section(rep: dict) -> list[str]:
+    """The second hop's cost where it buys nothing: the layer on one machine, unshaped."""
+    c, env, rows = rep["config"], rep["environment"], rep["results"]
+    lines = [
+        f"`python benchmarks/make_results.py --run --only {UNSHAPED}`: the layer run's config (d_model "
+        f"{c['d_model']}, FFN {c['d_ff']}, {c['experts_per_rank']} expert per rank, {c['tokens']} tokens "
+        f"per rank, capacity factor {c['capacity_factor']}) on {c['nodes']} nodes x {c['gpus_per_node']} "
+        "ranks simulated by process groups on one machine, over unshaped loopback: the inter-node hop "
+        "is as cheap as the intra-node one, so the two-hop exchange can only cost more than the flat "
+        f"one. Median of {c['iters']} interleaved iterations ({env['date_utc']}, load average "
+        f"{_load(env)}). Rank CPU: the ranks' CPU time per step, summed (all their threads), which "
+        "other jobs on the machine inflate less than the wall time. Reading the pairs: "
+        "switch+hierarchical / switch+flat differ only in the exchange, smile+flat / switch+flat only "
+        "in the router; the p2p pair makes no regroup copy (each block lands in place), so what the "
+        "second hop still costs there is its transfers: at one expert per rank on 2 x 2 the two hops "
+        "put 4/3 of flat's bytes through the host's TCP stack (each hop sends half of a rank's rows, "
+        "flat three quarters) in twice as many calls.",
+        "",
+        "| layer | median ms | min | max | rank CPU ms | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['median_ms']:.0f} | {r['min_ms']:.0f} | {r['max_ms']:.0f} | "
+            f"{r['rank_cpu_ms']:.0f} | {r['tokens_per_s']:.0f} |"
+        )
+    lines.append("")
+    pairs = (("smile", "switch+flat"), ("switch+hierarchical", "switch+flat"), ("smile+p2p", "switch+p2p"))
+    for smile, switch in pairs:
+        if smile in rows and switch in rows:
+            wall = rows[smile]["tokens_per_s"] / rows[switch]["tokens_per_s"]
+            cpu = rows[switch]["rank_cpu_ms"] / rows[smile]["rank_cpu_ms"]
+            lines.append(
+                f"- {smile} / {switch}: tokens/s **{wall:.2f}x**, rank CPU per step {1 / cpu:.2f}x "
+                f"({'within' if wall >= 0.95 else 'NOT within'} 5% of {switch})"
+            )
+    return [*lines, ""]
 
 
 def link_section(runs: list[dict]) -> list[str]:
@@ -1207,6 +1268,9 @@ def render(results: Path) -> tuple[str, cm.FitResult, dict]:
     if moe is not None:
         fitted, check = layer_check(moe, fit)
         lines += ["## MoE layers on the emulated cluster", "", *moe_section(moe), *check]
+    unshaped = results / f"moe_layer_{UNSHAPED}_2x2.json"
+    if unshaped.exists():
+        lines += ["## The two hops on one machine", "", *unshaped_section(load(unshaped))]
     links = [load(path)["runs"][-1] for n, g in LINK_LAYOUTS if (path := link_path(results, n, g)).exists()]
     if links:
         lines += ["## Link utilisation of the emulated cluster", "", *link_section(links)]
@@ -1252,7 +1316,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        help=f"with --run: measure only this entry ({', '.join([*RUNS, SWEEP, LINKS])})",
+        help=f"with --run: measure only this entry ({', '.join([*RUNS, SWEEP, LINKS, UNSHAPED])})",
     )
     parser.add_argument("--results", default=str(HERE / "results"), help="directory of the JSON reports")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))

@@ -363,7 +363,8 @@ def moe_section(rep: dict) -> list[str]:
         "Variants named smile+<lever>... add SMILE's levers one at a time: dropless (nothing dropped), "
         "flat (bilevel routing over the one-hop All2All), pipelined (chunked overlap, bit-identical "
         f"results, {c.get('chunks', '?')} chunks), bf16 / fp8 (lossy wire formats, gradients pass "
-        "straight through). Every smile layer sends only kept rows, never capacity padding.",
+        "straight through), p2p (each hop as point-to-point pieces, bit-identical); switch+<lever>... "
+        "the same levers on Switch. Every smile layer sends only kept rows, never capacity padding.",
     ]
     spread = [(r["max_ms"] - r["min_ms"]) / r["median_ms"] for r in rows.values()]
     lines.append(
@@ -371,7 +372,7 @@ def moe_section(rep: dict) -> list[str]:
         "of its median apart, so ratios within about 10% of 1 are not a measured difference."
     )
     if "deepspeed" in rows:
-        lines += _verdicts(rows)
+        lines += _verdicts(rows, rep["ratios"])
     lines.append("")
     return lines
 
@@ -411,35 +412,49 @@ def like_for_like(rows: dict[str, dict], ratios: dict[str, float]) -> list[str]:
         "",
         f"SMILE / Switch under the same levers: {min(ratios):.2f}x to {max(ratios):.2f}x; ahead by more "
         f"than 10% in {ahead} of {len(ratios)} pairs, behind by more than 10% in {behind}.",
-        "",
     ]
     return lines
 
 
-def _verdicts(rows: dict[str, dict]) -> list[str]:
-    """SMILE against DeepSpeed-MoE: the paper's pairing, the best exact variant, the best overall."""
+def _verdicts(rows: dict[str, dict], ratios: dict[str, float] | None = None) -> list[str]:
+    """SMILE against DeepSpeed-MoE: the paper's pairing, the best exact variant, the best overall;
+    each beside Switch with the same levers where that ran (``ratios``' like-for-like pairs), so a
+    lever's gain is not read as SMILE's."""
     ds = rows["deepspeed"]["tokens_per_s"]
     smile = {name: r["tokens_per_s"] / ds for name, r in rows.items() if name.startswith("smile")}
+    twins = {a: b for a, b in (key.split(" / ") for key in ratios or {}) if b != "deepspeed"}
+
+    def beside_switch(name: str) -> str:
+        twin = twins.get(name)
+        if twin is None:
+            return ""
+        return f"; Switch with the same levers ({twin}): {rows[twin]['tokens_per_s'] / ds:.2f}x"
+
     lines = []
     if "smile+pipelined" in smile:
         ratio = smile["smile+pipelined"]
         verdict = "beats" if ratio > 1 else "does NOT beat"
         lines.append(
             f"On this run SMILE's layer as the library builds it (bilevel routing, the two-hop All2All, "
-            f"chunks='auto') {verdict} DeepSpeed-MoE: **{ratio:.2f}x** (smile+pipelined)."
+            f"chunks='auto') {verdict} DeepSpeed-MoE: **{ratio:.2f}x** (smile+pipelined"
+            f"{beside_switch('smile+pipelined')})."
         )
     if "smile" in smile:
         verdict = "beats" if smile["smile"] > 1 else "does NOT beat"
         lines.append(
-            f"Unpipelined (chunks=1), the two-hop layer {verdict} DeepSpeed-MoE ({smile['smile']:.2f}x)."
+            f"Unpipelined (chunks=1), the two-hop layer {verdict} DeepSpeed-MoE ({smile['smile']:.2f}x"
+            f"{beside_switch('smile')})."
         )
     exact = {n: v for n, v in smile.items() if "bf16" not in n and "fp8" not in n}
     for label, pool in (("exact-payload", exact), ("", smile)):
         if pool:
             name = max(pool, key=pool.get)
-            target = "" if label else f" ({'meets' if pool[name] >= 2 else 'short of'} the 2x target)"
+            target = "" if label else f", {'meets' if pool[name] >= 2 else 'short of'} the 2x target"
             kind = label or "overall"
-            lines.append(f"Best {kind} SMILE variant: {name}, {pool[name]:.2f}x DeepSpeed-MoE{target}.")
+            lines.append(
+                f"Best {kind} SMILE variant: {name}, {pool[name]:.2f}x DeepSpeed-MoE{target}"
+                f"{beside_switch(name)}."
+            )
     return lines
 
 
@@ -722,8 +737,8 @@ def sweep_section(a2a: list[dict], layers: list[dict], plot_path: Path) -> list[
         "",
         "Model: the cost model fitted to the All2All points of the other node counts only (leave one "
         "node count out), so every model figure is a prediction for a node count the fit did not see. "
-        "The model still plans one count exchange per hop; the exchange now makes one per layer call "
-        "(hierarchical: 3 collectives, not 4). Layer model: the layer step of the same fit, with a factor "
+        f"The model prices the count exchange as the runs made it (`count_exchange: {base.count_exchange}`). "
+        "Layer model: the layer step of the same fit, with a factor "
         "on its communication and one on its matmul time calibrated on switch+flat at the other node "
         "counts; switch+hierarchical and smile are then predicted.",
         "",

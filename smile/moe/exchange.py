@@ -25,8 +25,9 @@ it overlaps the permute copy, covering every chunk (combine and backward reuse i
 The two-hop exchange has two ways to count (``count_exchange``):
 
 * ``per_hop`` (default): each hop counts within its own group, the inter-node counts first, then
-  the intra-node ones derived from them: two calls, (N-1) + (G-1) messages, the fewest messages,
-  which is what matters at scale, where a message's latency dominates (SMILE's point);
+  the intra-node ones derived from them, exchanged while hop 1 moves its rows (hop 2 waits for
+  them when it starts): two calls, one on the critical path, (N-1) + (G-1) messages, the fewest
+  messages, which is what matters at scale, where a message's latency dominates (SMILE's point);
 * ``per_call``: one call over the EP group sends each peer this rank's counts for every expert on
   that peer's node, from which each rank derives both hops' splits: one call, (N-1)G + (G-1)
   messages, cheaper where the fixed cost of a call dominates (gloo on a few CPU ranks).
@@ -305,12 +306,13 @@ class Hop:
     its buffer; ``recv_counts`` [src peer, ...] the blocks it receives, in arrival order; the
     regroup puts them in the order of ``recv_counts.permute(perm)``. The collective transport
     regroups with a copy (none when the blocks already arrive in order); ``p2p`` receives each
-    block in its place.
+    block in its place. ``recv_counts`` may be a callable that waits for counts still on their
+    way (hop 2's, exchanged while hop 1 moves its rows): the hop needs them only when it runs.
     """
 
     group: object
     send_counts: torch.Tensor
-    recv_counts: torch.Tensor
+    recv_counts: torch.Tensor | Callable[[], torch.Tensor]
     perm: tuple[int, ...]
     label: str  # profiler region: smile.a2a.<label>
     dispatch_codec: PayloadCodec = EXACT
@@ -319,17 +321,37 @@ class Hop:
 
     def __post_init__(self) -> None:
         self.send_splits = _per_peer(self.send_counts)
-        self.recv_splits = _per_peer(self.recv_counts)
-        self.layout: P2PLayout | None = None
-        self.index: torch.Tensor | None = None  # regroup copy after arrival
+
+    @functools.cached_property
+    def recv_splits(self) -> list[int]:
+        return _per_peer(self._arrivals)
+
+    @functools.cached_property
+    def _arrivals(self) -> torch.Tensor:
+        return self.recv_counts() if callable(self.recv_counts) else self.recv_counts
+
+    @functools.cached_property
+    def layout(self) -> P2PLayout | None:
+        """Where ``p2p`` sends and receives each block (None for the collective transport)."""
+        if self.transport != "p2p":
+            return None
+        return P2PLayout.of_counts(self.send_counts, self._arrivals, self.perm)
+
+    @functools.cached_property
+    def back(self) -> P2PLayout | None:
+        return None if self.layout is None else self.layout.reversed()
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor | None:
+        """The collective transport's regroup copy after arrival (None: the blocks arrive in order)."""
         if self.transport == "p2p":
-            self.layout = P2PLayout.of_counts(self.send_counts, self.recv_counts, self.perm)
-        else:
-            index = regroup_index(self.recv_counts, self.perm)
-            if not torch.equal(index, torch.arange(index.numel(), device=index.device)):
-                self.index = index
-        self.inverse = None if self.index is None else _inverse(self.index)
-        self.back = None if self.layout is None else self.layout.reversed()
+            return None
+        index = regroup_index(self._arrivals, self.perm)
+        return None if torch.equal(index, torch.arange(index.numel(), device=index.device)) else index
+
+    @functools.cached_property
+    def inverse(self) -> torch.Tensor | None:
+        return None if self.index is None else _inverse(self.index)
 
     def to_experts(self, x: torch.Tensor) -> torch.Tensor:
         """Send ``x`` toward the experts and regroup it (differentiable)."""
@@ -380,16 +402,21 @@ def _per_peer(counts: torch.Tensor) -> list[int]:
     return counts.reshape(counts.shape[0], -1).sum(1).tolist()
 
 
-@dataclass
 class Route:
     """How one chunk of rows reaches this rank's experts.
 
     ``sources[i, s]`` rows arrive for local expert i from source EP rank s; the experts' input
-    is grouped by local expert, then source rank, then the sender's order.
+    is grouped by local expert, then source rank, then the sender's order. Given as a callable,
+    ``sources`` is waited for when first read (counts still on their way, as in :class:`Hop`).
     """
 
-    hops: list[Hop]
-    sources: torch.Tensor  # [num_local, ep_size]
+    def __init__(self, hops: list[Hop], sources: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+        self.hops = hops
+        self._sources = sources
+
+    @functools.cached_property
+    def sources(self) -> torch.Tensor:  # [num_local, ep_size]
+        return self._sources() if callable(self._sources) else self._sources
 
     @functools.cached_property
     def expert_counts(self) -> list[int] | torch.Tensor:
@@ -429,7 +456,7 @@ class Exchange:
         """:meth:`start_routes`, waited for."""
         return self.start_routes(row_counts).wait()
 
-    def _hop(self, label: str, group, send: torch.Tensor, recv: torch.Tensor, perm: tuple[int, ...]) -> Hop:
+    def _hop(self, label: str, group, send: torch.Tensor, recv, perm: tuple[int, ...]) -> Hop:
         return Hop(group, send, recv, perm, label, self.dispatch_codec, self.combine_codec, self.transport)
 
     def _one_hop(self, label: str, group, row_counts: torch.Tensor) -> PendingRoutes:
@@ -484,10 +511,10 @@ class HierarchicalExchange(Exchange):
         return start_counts(send, topo.group("ep"), functools.partial(self._one_call_routes, row_counts))
 
     def _per_hop_routes(self, row_counts: torch.Tensor, recv1: torch.Tensor) -> list[Route]:
-        """Hop 2's counts from hop 1's (``recv1``: [src node, chunk, dest gpu, local expert])."""
-        send2 = hop2_sends(recv1)
-        recv2 = start_counts(send2, self.topology.group("intra"), lambda counts: counts).wait()
-        return self._two_hop_routes(row_counts, recv1, recv2)
+        """Hop 2's counts from hop 1's (``recv1``: [src node, chunk, dest gpu, local expert]),
+        exchanged while hop 1 moves its rows: hop 2 waits for them when it starts."""
+        pending = start_counts(hop2_sends(recv1), self.topology.group("intra"), lambda counts: counts)
+        return self._two_hop_routes(row_counts, recv1, functools.cache(pending.wait))
 
     def _one_call_routes(self, row_counts: torch.Tensor, received: torch.Tensor) -> list[Route]:
         """Both hops' counts from ``received[s]``: EP rank s's counts for this node's experts."""
@@ -502,13 +529,13 @@ class HierarchicalExchange(Exchange):
         recv1 = counts[:, me]  # [src node, chunk, dest gpu, local expert]
         # Hop 2 brings this rank what every EP rank sends to its own experts, via node-mate src gpu.
         recv2 = counts[:, :, :, me].permute(1, 2, 0, 3)  # [src gpu, chunk, src node, local expert]
-        return self._two_hop_routes(row_counts, recv1, recv2)
+        return self._two_hop_routes(row_counts, recv1, lambda: recv2)
 
     def _two_hop_routes(
-        self, row_counts: torch.Tensor, recv1: torch.Tensor, recv2: torch.Tensor
+        self, row_counts: torch.Tensor, recv1: torch.Tensor, recv2: Callable[[], torch.Tensor]
     ) -> list[Route]:
         """Routes of both hops: ``recv1`` [src node, chunk, dest gpu, local expert] arrive by hop 1,
-        ``recv2`` [src gpu, chunk, src node, local expert] by hop 2."""
+        ``recv2()`` [src gpu, chunk, src node, local expert] by hop 2 (waited for when hop 2 runs)."""
         topo = self.topology
         n, g, e = topo.ep_nodes, topo.gpus_per_node, self.num_local
         inter, intra = topo.group("inter"), topo.group("intra")
@@ -516,11 +543,22 @@ class HierarchicalExchange(Exchange):
         send2 = hop2_sends(recv1)
         routes = []
         for c in range(send1.shape[1]):
+            arrivals = functools.partial(_chunk, recv2, c)  # [src gpu, src node, local expert]
             hop1 = self._hop("inter", inter, send1[:, c], recv1[:, c], (1, 0, 2))
-            hop2 = self._hop("intra", intra, send2[:, c], recv2[:, c], (2, 1, 0))
+            hop2 = self._hop("intra", intra, send2[:, c], arrivals, (2, 1, 0))
             # Source EP rank = node * g + gpu: [local expert, src node, src gpu] -> [local expert, src rank].
-            routes.append(Route([hop1, hop2], recv2[:, c].permute(2, 1, 0).reshape(e, -1)))
+            sources = functools.partial(_sources, arrivals, e)
+            routes.append(Route([hop1, hop2], sources))
         return routes
+
+
+def _chunk(counts: Callable[[], torch.Tensor], c: int) -> torch.Tensor:
+    return counts()[:, c]
+
+
+def _sources(arrivals: Callable[[], torch.Tensor], experts: int) -> torch.Tensor:
+    """[local expert, source EP rank] from hop 2's arrivals [src gpu, src node, local expert]."""
+    return arrivals().permute(2, 1, 0).reshape(experts, -1)
 
 
 class LocalExchange(Exchange):

@@ -13,7 +13,9 @@ It follows :mod:`smile.moe.exchange` exactly, per rank sending ``m`` bytes sprea
   ``m*(G-1)/G`` bytes), another copy. With N=1 or G=1 one hop is free and left out: flat.
 * counts (``ClusterSpec.count_exchange``, ``MoEConfig.count_exchange``), exchanged once per layer
   call before the dispatch (combine and backward reuse the splits): "per_hop" (the default) makes
-  one count call per hop in that hop's group ((N-1) + (G-1) messages for two hops); "per_call"
+  one count call per hop in that hop's group ((N-1) + (G-1) messages for two hops), hop 2's while
+  hop 1 moves its rows, so only hop 1's is on the critical path (runs before 2026-12-06 09:00 UTC
+  made them one after the other; the model prices what the code does now); "per_call"
   makes one call over all W ranks ((N-1)G + G-1 messages). Flat makes one call either way. Runs
   from before 2026-12-06 (RESULTS.md's first emulated runs) used per_hop but also cloned the
   buffer for a hop over a one-rank group, which the exchange now leaves out; they are modelled as
@@ -215,9 +217,9 @@ def plan_hops(
     plan = []
     if counts and (count_exchange == "per_call" or len(hops) == 1):
         plan.append(Hop(flat[0], flat[1], 0.0, 0.0))  # one count call over the EP group
+    elif counts:
+        plan.append(Hop(hops[0][0], hops[0][1], 0.0, 0.0))  # hop 1's count call; hop 2's overlaps hop 1
     for inter_peers, intra_peers, inter_bytes, intra_bytes in hops:
-        if counts and count_exchange == "per_hop" and len(hops) == 2:
-            plan.append(Hop(inter_peers, intra_peers, 0.0, 0.0))  # the hop's own count call
         plan.append(Hop(inter_peers, intra_peers, inter_bytes, intra_bytes))
     return plan, size * len(hops)  # a regroup copy after every hop
 

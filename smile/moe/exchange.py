@@ -111,10 +111,6 @@ class P2PLayout:
     send: Segments
     recv: Segments
 
-    @property
-    def out_rows(self) -> int:
-        return sum(rows for peer in self.recv for _, rows in peer)
-
     def reversed(self) -> P2PLayout:
         """The way back: every block returns from where it arrived to where it came from."""
         return P2PLayout(self.recv, self.send)

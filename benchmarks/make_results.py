@@ -325,14 +325,21 @@ def fit_section(fit: cm.FitResult) -> list[str]:
     return lines
 
 
+def _layer_shape(c: dict) -> str:
+    """A moe_layer_bench config's layer, as the sections describe it."""
+    return (
+        f"d_model {c['d_model']}, FFN {c['d_model']}->{c['d_ff']}->{c['d_model']}, "
+        f"{c['experts_per_rank']} expert per rank, {c['tokens']} tokens per rank, top-1, "
+        f"capacity factor {c['capacity_factor']}"
+    )
+
+
 def moe_section(rep: dict) -> list[str]:
     c, env, rows = rep["config"], rep["environment"], rep["results"]
     lines = [
         f"{c['nodes']} nodes x {c['gpus_per_node']} ranks = EP {c['world']}, {RATE_MBIT:g} Mbit/s per node, "
         f"MTU {_mtu(env)}, "
-        f"d_model {c['d_model']}, FFN {c['d_model']}->{c['d_ff']}->{c['d_model']}, "
-        f"{c['experts_per_rank']} expert per rank, {c['tokens']} tokens per rank, top-1, capacity factor "
-        f"{c['capacity_factor']}, fp32, forward + backward, "
+        f"{_layer_shape(c)}, fp32, forward + backward, "
         f"median of {c['iters']} interleaved iterations after {c['warmup']} warm-up "
         f"({env['date_utc']}, load average {_load(env)}).",
         "",
@@ -377,11 +384,16 @@ def moe_section(rep: dict) -> list[str]:
     return lines
 
 
+def switch_twins(ratios: dict[str, float]) -> dict[str, str]:
+    """SMILE variant -> the Switch variant with the same levers, from the benchmark's ratio keys
+    ``"<smile> / <switch>"`` (its ``"<variant> / deepspeed"`` keys left out)."""
+    return {a: b for a, b in (key.split(" / ") for key in ratios) if b != "deepspeed"}
+
+
 def like_for_like(rows: dict[str, dict], ratios: dict[str, float]) -> list[str]:
-    """Each SMILE variant beside the Switch variant with the same levers (the benchmark's pairs:
-    ``ratios`` keys ``"<smile> / <switch>"``), and both beside DeepSpeed-MoE."""
+    """Each SMILE variant beside the Switch variant with the same levers, and both beside DeepSpeed-MoE."""
     ds = rows["deepspeed"]["tokens_per_s"] if "deepspeed" in rows else None
-    pairs = [tuple(key.split(" / ")) for key in ratios if not key.endswith(" / deepspeed")]
+    pairs = list(switch_twins(ratios).items())
     if not pairs:
         return []
     lines = [
@@ -422,7 +434,7 @@ def _verdicts(rows: dict[str, dict], ratios: dict[str, float] | None = None) -> 
     lever's gain is not read as SMILE's."""
     ds = rows["deepspeed"]["tokens_per_s"]
     smile = {name: r["tokens_per_s"] / ds for name, r in rows.items() if name.startswith("smile")}
-    twins = {a: b for a, b in (key.split(" / ") for key in ratios or {}) if b != "deepspeed"}
+    twins = switch_twins(ratios or {})
 
     def beside_switch(name: str) -> str:
         twin = twins.get(name)
@@ -462,9 +474,8 @@ def unshaped_section(rep: dict) -> list[str]:
     """The second hop's cost where it buys nothing: the layer on one machine, unshaped."""
     c, env, rows = rep["config"], rep["environment"], rep["results"]
     lines = [
-        f"`python benchmarks/make_results.py --run --only {UNSHAPED}`: the layer run's config (d_model "
-        f"{c['d_model']}, FFN {c['d_ff']}, {c['experts_per_rank']} expert per rank, {c['tokens']} tokens "
-        f"per rank, capacity factor {c['capacity_factor']}) on {c['nodes']} nodes x {c['gpus_per_node']} "
+        f"`python benchmarks/make_results.py --run --only {UNSHAPED}`: the layer run's config "
+        f"({_layer_shape(c)}) on {c['nodes']} nodes x {c['gpus_per_node']} "
         "ranks simulated by process groups on one machine, over unshaped loopback: the inter-node hop "
         "is as cheap as the intra-node one, so the two-hop exchange can only cost more than the flat "
         f"one. Median of {c['iters']} interleaved iterations ({env['date_utc']}, load average "
